@@ -1,0 +1,37 @@
+# The two set-up commands: `make demo` and `make test`. Each creates .venv if missing, installs torch first
+# (the CPU-runnable pair this machine has on disk), then mmfast with the extras it needs, then runs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q
+TORCH  := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test lint bench clean-venv
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.torch-installed: | $(BIN)/python
+	@echo ">> installing $(TORCH) into $(VENV) (first time only, ~80 s)"
+	$(PIP) $(TORCH)
+	@touch $@
+
+$(VENV)/.mmfast-installed: pyproject.toml constraints.txt $(VENV)/.torch-installed
+	@echo ">> installing mmfast with extras video,app,eval,dev"
+	$(PIP) -e ".[video,app,eval,dev]" -c constraints.txt
+	@touch $@
+
+demo: $(VENV)/.mmfast-installed
+	HF_HUB_OFFLINE=1 $(BIN)/mmfast demo
+
+test: $(VENV)/.mmfast-installed
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: $(VENV)/.mmfast-installed
+	$(BIN)/ruff check mmfast tests apps eval
+
+bench: $(VENV)/.mmfast-installed
+	$(BIN)/mmfast bench vlm-speed --accelerate "pool(factor=2)" --accelerate "random(keep=0.25)" --json out/vlm-speed.json --md out/vlm-speed.md
+
+clean-venv:
+	rm -rf $(VENV)

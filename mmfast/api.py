@@ -1,0 +1,105 @@
+"""``mmfast.pipeline(task, model=..., accelerate=...)``: task → pipeline, model resolution, accelerate specs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmfast import zoo
+from mmfast.accel.base import resolve
+from mmfast.errors import ConfigError, UnsupportedModelError
+from mmfast.models.vlm import adapter_for
+from mmfast.pipelines.base import VLMPipeline
+from mmfast.pipelines.image_qa import ImageCaptionPipeline, ImageQAPipeline
+from mmfast.pipelines.video_qa import VideoQAPipeline
+
+TASKS: dict[str, type[VLMPipeline]] = {
+    "image-qa": ImageQAPipeline,
+    "image-caption": ImageCaptionPipeline,
+    "video-qa": VideoQAPipeline,
+}
+
+#: the embedded default model of each task (works offline)
+DEFAULT_MODELS: dict[str, str] = {"image-qa": "tiny-vlm", "image-caption": "tiny-vlm", "video-qa": "tiny-vlm"}
+
+
+def _dtype(dtype: Any) -> torch.dtype | str | None:
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    if isinstance(dtype, str):
+        name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+        value = getattr(torch, name.get(dtype, dtype), None)
+        if isinstance(value, torch.dtype):
+            return value
+    raise ConfigError(f"Unknown dtype {dtype!r}: use float32, bfloat16, float16 or 'auto'.")
+
+
+def _device(device: Any) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"Unknown device {device!r}.") from e
+
+
+def load_vlm(model: Any, device: Any = None, dtype: Any = None) -> tuple[Any, Any, str]:
+    """Resolve ``model`` (zoo name | local directory | HF id | ``(model, processor)``) to (model, processor, name)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if isinstance(model, (tuple, list)) and len(model) == 2:
+        m, p = model
+        name = getattr(m.config, "_name_or_path", "") or type(m).__name__
+        dt = _dtype(dtype)
+        if device is not None or isinstance(dt, torch.dtype):
+            m = m.to(device=_device(device) if device is not None else m.device, dtype=dt if isinstance(dt, torch.dtype) else None)
+        return m.eval(), p, name
+    if not isinstance(model, (str, os.PathLike)):
+        raise ConfigError("model must be a zoo name, a local directory, a Hugging Face id or a (model, processor) pair.")
+    name = str(model)
+    path: str | Path = zoo.zoo_path(name) if zoo.is_zoo_name(name) else name
+    dev = _device(device)
+    try:
+        m = AutoModelForImageTextToText.from_pretrained(path, dtype=_dtype(dtype) or torch.float32)
+        p = AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        hint = "" if Path(name).exists() else (
+            f" It is not a zoo model ({', '.join(zoo.MODELS)}) nor a local directory, and loading it as a hub id "
+            "failed (no network here? set HF_HUB_OFFLINE=1 and use a local copy)."
+        )
+        raise UnsupportedModelError(f"Could not load {name!r}: {e}.{hint}") from e
+    return m.to(dev).eval(), p, name
+
+
+def pipeline(
+    task: str,
+    model: Any = None,
+    accelerate: Any = None,
+    device: Any = None,
+    dtype: Any = None,
+    **kwargs: Any,
+) -> VLMPipeline:
+    """Build a pipeline.
+
+    Args:
+        task: ``"image-qa"``, ``"image-caption"`` or ``"video-qa"``.
+        model: zoo name (default: the task's embedded model), local directory, HF id, or ``(model, processor)``.
+        accelerate: ``None``, a spec string such as ``"pool(factor=2)+kv_window(sink=4,recent=64)"``, an
+            accelerator object, or a list of them.
+        device: e.g. ``"cpu"`` / ``"cuda"``; default CUDA when available.
+        dtype: model dtype (``"float32"`` default on load, ``"bfloat16"``...).
+        **kwargs: pipeline defaults, e.g. ``question=`` or ``num_frames=``.
+    """
+    if task not in TASKS:
+        raise ConfigError(f"Unknown task {task!r}. Tasks: {', '.join(TASKS)}.")
+    acc = resolve(accelerate)
+    m, p, name = load_vlm(model if model is not None else DEFAULT_MODELS[task], device=device, dtype=dtype)
+    adapter = adapter_for(m, p)
+    for a in acc:
+        a.check_compatible(adapter)
+    if task == "video-qa" and not adapter.supports_video:
+        raise UnsupportedModelError(f"{name} ({type(m).__name__}) does not take videos.")
+    return TASKS[task](adapter, acc, model_name=name, **kwargs)

@@ -1,0 +1,172 @@
+"""Side-by-side benchmark harness: the baseline and every method in ONE process, interleaved, medians.
+
+``mmfast bench SUITE --accelerate SPEC [--accelerate SPEC ...] --repeats N --json out.json --md out.md``
+
+Every suite returns rows of one schema (:data:`ROW_FIELDS`; the unaccelerated row's method is
+``"baseline"``); ratios (``speedup``, ``accuracy_retained``, ...) are taken against the baseline row of the same
+input measured in the same run. Suites register with :func:`suite`.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmfast.errors import ConfigError
+
+ROW_FIELDS: tuple[str, ...] = (
+    "method",
+    "accuracy",
+    "accuracy_retained",
+    "visual_tokens",
+    "kv_bytes",
+    "prefill_ms",
+    "decode_ms_per_token",
+    "steps",
+    "step_compression",
+    "speedup",
+    "ideal_speedup",
+)
+
+SUITES: dict[str, Callable[..., list[dict[str, Any]]]] = {}
+SUITE_HELP: dict[str, str] = {}
+
+
+def suite(name: str, help: str = "") -> Callable:
+    """Register a suite function ``fn(methods: list[str], repeats: int, **opts) -> list[row dict]``."""
+
+    def deco(fn: Callable[..., list[dict[str, Any]]]) -> Callable[..., list[dict[str, Any]]]:
+        SUITES[name] = fn
+        SUITE_HELP[name] = help or (fn.__doc__ or "").strip().splitlines()[0]
+        return fn
+
+    return deco
+
+
+def row(method: str, **values: Any) -> dict[str, Any]:
+    """A row with every schema field (missing ones ``None``) plus any extra fields given."""
+    out: dict[str, Any] = {k: None for k in ROW_FIELDS}
+    out["method"] = method
+    out.update(values)
+    return out
+
+
+def median(xs: Sequence[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return float(statistics.median(xs)) if xs else None
+
+
+# --------------------------------------------------------------------------------------------------
+# FLOPs (for the ideal speed-up beside the measured one)
+# --------------------------------------------------------------------------------------------------
+def transformer_flops(
+    n: int, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, head_dim: int, gated: bool, causal: bool
+) -> float:
+    """Forward FLOPs of ``layers`` transformer blocks on ``n`` tokens (matmuls only; 2 FLOPs per MAC)."""
+    proj = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2  # q, o and k, v
+    mlp = hidden * intermediate * (3 if gated else 2)
+    attn = 2 * n * n * heads * head_dim * (0.5 if causal else 1.0)  # QK^T and AV (2 matmuls, MAC=2 flops → x2 / 2)
+    return layers * (2 * n * (proj + mlp) + 2 * attn)
+
+
+def lm_flops(text_config: Any, n: int) -> float:
+    heads = text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    kv = getattr(text_config, "num_key_value_heads", None) or heads
+    return transformer_flops(
+        n, text_config.hidden_size, text_config.intermediate_size, text_config.num_hidden_layers, heads, kv, head_dim,
+        gated=True, causal=True,
+    )
+
+
+def vision_flops(vision_config: Any, crops: int) -> float:
+    tokens = (vision_config.image_size // vision_config.patch_size) ** 2
+    heads = vision_config.num_attention_heads
+    return crops * transformer_flops(
+        tokens, vision_config.hidden_size, vision_config.intermediate_size, vision_config.num_hidden_layers, heads,
+        heads, vision_config.hidden_size // heads, gated=False, causal=False,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# running and reporting
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class BenchResult:
+    suite: str
+    rows: list[dict[str, Any]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"suite": self.suite, "rows": self.rows, "meta": self.meta}
+
+    def to_markdown(self) -> str:
+        extra = [k for r in self.rows for k in r if k not in ROW_FIELDS]
+        cols = list(dict.fromkeys(["input", *ROW_FIELDS, *extra])) if any("input" in r for r in self.rows) else list(
+            dict.fromkeys([*ROW_FIELDS, *extra])
+        )
+        cols = [c for c in cols if any(r.get(c) is not None for r in self.rows) or c == "method"]
+        lines = [f"### {self.suite}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for r in self.rows:
+            lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+        if self.meta:
+            lines += ["", "; ".join(f"{k}: {v}" for k, v in self.meta.items() if not isinstance(v, (dict, list)))]
+        return "\n".join(lines) + "\n"
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def run(
+    suite_name: str,
+    methods: Sequence[str] = (),
+    repeats: int = 3,
+    json_path: str | Path | None = None,
+    md_path: str | Path | None = None,
+    **opts: Any,
+) -> BenchResult:
+    """Run a suite (baseline first, then ``methods``), write JSON / markdown if paths are given."""
+    _load_suites()
+    if suite_name not in SUITES:
+        raise ConfigError(f"Unknown bench suite {suite_name!r}. Suites: {', '.join(sorted(SUITES))}.")
+    if repeats < 1:
+        raise ConfigError("repeats must be >= 1.")
+    from mmfast.accel.base import resolve
+
+    for m in methods:  # fail fast on a bad spec, before building any model
+        resolve(m)
+    t0 = time.perf_counter()
+    rows = SUITES[suite_name](list(methods), repeats, **opts)
+    import platform
+
+    import torch
+
+    meta = {
+        "repeats": repeats,
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+    }
+    res = BenchResult(suite_name, rows, meta)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(res.to_json(), indent=2))
+    if md_path:
+        Path(md_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(md_path).write_text(res.to_markdown())
+    return res
+
+
+def _load_suites() -> None:
+    import mmfast.bench_suites  # noqa: F401  (registers the suites)

@@ -1,0 +1,131 @@
+"""The ``mmfast`` command line (typer): ask, caption, bench, env, demo, zoo.
+
+Errors mmfast raises on purpose (:class:`~mmfast.errors.MMFastError`) print one line and exit with code 2;
+no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from mmfast.errors import MMFastError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="mmfast: fast multimodal models.")
+zoo_app = typer.Typer(no_args_is_help=True, help="The embedded model zoo: list, train, evaluate.")
+app.add_typer(zoo_app, name="zoo")
+
+ModelOpt = typer.Option(None, "--model", "-m", help="zoo name, local directory or HF id (default: the task's zoo model)")
+AccelOpt = typer.Option(None, "--accelerate", "-a", help='accelerate spec, e.g. "pool(factor=2)+kv_window(sink=4,recent=64)"')
+
+
+def _print_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+@app.command()
+def ask(
+    path: str = typer.Argument(..., help="image or video file"),
+    question: str = typer.Argument(..., help="the question"),
+    model: str | None = ModelOpt,
+    accelerate: str | None = AccelOpt,
+    num_frames: int | None = typer.Option(None, help="frames sampled uniformly from a video"),
+    fps: float | None = typer.Option(None, help="sample a video at this many frames per second instead"),
+    max_new_tokens: int = typer.Option(32),
+    as_json: bool = typer.Option(False, "--json", help="print the answer and stats as JSON"),
+) -> None:
+    """Answer a question about an image or a video."""
+    import mmfast
+    from mmfast.media import is_video_path
+
+    if is_video_path(path):
+        pipe = mmfast.pipeline("video-qa", model=model, accelerate=accelerate)
+        kw: dict[str, Any] = {"num_frames": num_frames} if fps is None else {"fps": fps}
+        out = pipe(video=path, question=question, max_new_tokens=max_new_tokens, **kw)
+    else:
+        pipe = mmfast.pipeline("image-qa", model=model, accelerate=accelerate)
+        out = pipe(image=path, question=question, max_new_tokens=max_new_tokens)
+    if as_json:
+        _print_json(out)
+    else:
+        typer.echo(out["answer"])
+
+
+@app.command()
+def caption(
+    paths: list[str] = typer.Argument(..., help="image files"),
+    model: str | None = ModelOpt,
+    accelerate: str | None = AccelOpt,
+    prompt: str | None = typer.Option(None, help="instruction (default: the model's caption prompt)"),
+    max_new_tokens: int = typer.Option(48),
+) -> None:
+    """Caption images; prints one JSON line per image."""
+    import mmfast
+
+    pipe = mmfast.pipeline("image-caption", model=model, accelerate=accelerate)
+    outs = pipe(image=list(paths), prompt=prompt, max_new_tokens=max_new_tokens)
+    for p, out in zip(paths, outs):
+        typer.echo(json.dumps({"path": p, "caption": out["caption"], "stats": out["stats"]}, default=str))
+
+
+@app.command()
+def bench(
+    suite: str = typer.Argument(..., help="suite name (see `mmfast bench --list x`)"),
+    accelerate: list[str] = typer.Option([], "--accelerate", "-a", help="a method spec; repeat for several"),
+    repeats: int = typer.Option(3, help="interleaved repeats; medians are reported"),
+    json_path: Path | None = typer.Option(None, "--json", help="write rows as JSON here"),
+    md_path: Path | None = typer.Option(None, "--md", help="write a markdown table here"),
+    list_suites: bool = typer.Option(False, "--list", help="list the suites and exit"),
+) -> None:
+    """Run a benchmark suite: the baseline and each --accelerate spec side by side in one process."""
+    from mmfast import bench as B
+
+    B._load_suites()
+    if list_suites:
+        for name, text in sorted(B.SUITE_HELP.items()):
+            typer.echo(f"{name:16s} {text}")
+        return
+    res = B.run(suite, accelerate, repeats=repeats, json_path=json_path, md_path=md_path)
+    typer.echo(res.to_markdown())
+
+
+@app.command()
+def env() -> None:
+    """Versions, device and available kernel implementations."""
+    from mmfast.envinfo import env_report
+
+    for k, v in env_report().items():
+        typer.echo(f"{k:24s} {v}")
+
+
+@app.command()
+def demo(random_model: bool = typer.Option(False, help="use a random-initialised tiny model")) -> None:
+    """Run the offline demo on the embedded default models."""
+    from mmfast.demo import run_demo
+
+    run_demo(random_model=random_model)
+
+
+@zoo_app.command("list")
+def zoo_list() -> None:
+    """List zoo models and whether each is installed."""
+    from mmfast import zoo
+
+    for name, present in zoo.available().items():
+        typer.echo(f"{name:14s} {'installed' if present else 'missing  '}  {zoo.MODELS[name][1]}")
+
+
+def main() -> None:
+    try:
+        app()
+    except MMFastError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

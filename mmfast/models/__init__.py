@@ -1,0 +1,1 @@
+"""Model adapters: everything family-specific lives here."""

@@ -1,0 +1,1 @@
+"""Task pipelines (registered in :data:`mmfast.api.TASKS`)."""

@@ -1,0 +1,51 @@
+"""``video-qa`` pipeline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from mmfast.media import is_video_path, load_video
+from mmfast.pipelines.base import VLMPipeline
+
+DEFAULT_NUM_FRAMES = 8
+
+
+class VideoQAPipeline(VLMPipeline):
+    """``pipe(video=..., question=..., num_frames=8 | fps=1.0) -> {"answer": str, "stats": {...}}``.
+
+    ``video`` is a path or bytes (decoded with decord, falling back to PyAV), a list of frames (images) or a
+    (T, H, W, 3) array. A list of paths / of frame lists makes a batch. Frames are sampled uniformly
+    (``num_frames``, default: the model's ``mmfast_num_frames`` or 8) or at ``fps`` frames per second.
+    """
+
+    task = "video-qa"
+    media_key = "video"
+
+    def _is_media_list(self, media: Any) -> bool:
+        # a list of paths / bytes / frame-lists is a batch; a list of images is ONE video's frames
+        if not isinstance(media, (list, tuple)) or not media:
+            return False
+        first = media[0]
+        return isinstance(first, (bytes, list, tuple)) or (isinstance(first, str) and is_video_path(first)) or (
+            isinstance(first, np.ndarray) and first.ndim == 4
+        ) or hasattr(first, "__fspath__") and is_video_path(first)
+
+    def _one(self, kw: dict[str, Any]) -> dict[str, Any]:
+        kw = dict(kw)
+        question = self._question(kw, self.defaults.get("question"))
+        num_frames = kw.pop("num_frames", None)
+        fps = kw.pop("fps", None)
+        max_frames = kw.pop("max_frames", None)
+        if num_frames is None and fps is None:
+            num_frames = self.defaults.get("num_frames") or getattr(
+                self.adapter.config, "mmfast_num_frames", DEFAULT_NUM_FRAMES
+            )
+        video = load_video(kw.pop("video", None), num_frames=num_frames, fps=fps, max_frames=max_frames)
+        inputs = self.adapter.preprocess(question, video=video.frames)
+        out = self._answer(inputs, kw)
+        out["stats"].update(
+            frames=len(video), frame_indices=video.indices.tolist(), source_frames=video.total_frames
+        )
+        return out

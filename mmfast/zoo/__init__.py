@@ -1,0 +1,40 @@
+"""The zoo: small models mmfast trains itself, shipped inside the package as Hugging Face checkpoints.
+
+``zoo_path("tiny-vlm")`` returns the local directory of a shipped model; pipelines resolve zoo names
+before trying a local path or a hub id, and load them with the same ``from_pretrained`` code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mmfast.errors import UnsupportedModelError
+
+ROOT = Path(__file__).resolve().parent
+
+#: zoo name → (sub-directory, what it is)
+MODELS: dict[str, tuple[str, str]] = {
+    "tiny-vlm": ("tiny_vlm", "LLaVA-OneVision-format image + video QA / captioning model trained on mmfast's synthetic scenes"),
+}
+
+
+def is_zoo_name(name: str) -> bool:
+    return name in MODELS
+
+
+def zoo_path(name: str) -> Path:
+    """Directory of zoo model ``name``; a clear error if it is unknown or has not been trained yet."""
+    if name not in MODELS:
+        raise UnsupportedModelError(f"Unknown zoo model {name!r}. The zoo has: {', '.join(sorted(MODELS))}.")
+    path = ROOT / MODELS[name][0]
+    if not (path / "config.json").is_file():
+        raise UnsupportedModelError(
+            f"Zoo model {name!r} is not in this installation ({path} has no config.json). "
+            f"Train it with `mmfast zoo train {name}`."
+        )
+    return path
+
+
+def available() -> dict[str, bool]:
+    """Zoo names and whether each checkpoint is present."""
+    return {name: (ROOT / sub / "config.json").is_file() for name, (sub, _) in MODELS.items()}
