@@ -13,17 +13,34 @@ from mmfast.accel.base import resolve
 from mmfast.errors import ConfigError, UnsupportedModelError
 from mmfast.models.vlm import adapter_for
 from mmfast.pipelines.base import VLMPipeline
+from mmfast.pipelines.image_gen import ImageGenPipeline, TextToImagePipeline
 from mmfast.pipelines.image_qa import ImageCaptionPipeline, ImageQAPipeline
 from mmfast.pipelines.video_qa import VideoQAPipeline
 
-TASKS: dict[str, type[VLMPipeline]] = {
+TASKS: dict[str, type[Any]] = {
     "image-qa": ImageQAPipeline,
     "image-caption": ImageCaptionPipeline,
     "video-qa": VideoQAPipeline,
+    "class-to-image": ImageGenPipeline,
+    "text-to-image": TextToImagePipeline,
 }
+GEN_TASKS = ("class-to-image", "text-to-image")
 
 #: the embedded default model of each task (works offline)
-DEFAULT_MODELS: dict[str, str] = {"image-qa": "tiny-vlm", "image-caption": "tiny-vlm", "video-qa": "tiny-vlm"}
+DEFAULT_MODELS: dict[str, str] = {
+    "image-qa": "tiny-vlm",
+    "image-caption": "tiny-vlm",
+    "video-qa": "tiny-vlm",
+    "class-to-image": "tiny-ar",
+    "text-to-image": "tiny-ar",
+}
+
+#: AR image generator adapters by architecture / model_type (imported lazily)
+ARGEN_ADAPTERS: dict[str, str] = {
+    "llamagen": "mmfast.models.llamagen:LlamaGenAdapter",
+    "janus": "mmfast.models.janus:JanusAdapter",
+    "emu3": "mmfast.models.emu3:Emu3Adapter",
+}
 
 
 def _dtype(dtype: Any) -> torch.dtype | str | None:
@@ -74,6 +91,44 @@ def load_vlm(model: Any, device: Any = None, dtype: Any = None) -> tuple[Any, An
     return m.to(dev).eval(), p, name
 
 
+def _argen_kind(path: str | Path) -> str:
+    """``llamagen`` (mmfast's own format), or the transformers ``model_type`` of a checkpoint."""
+    cfg = Path(path) / "config.json"
+    if cfg.is_file():
+        import json
+
+        data = json.loads(cfg.read_text())
+        return str(data.get("architecture") or data.get("model_type") or "")
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path)).model_type
+    except (OSError, ValueError) as e:
+        raise UnsupportedModelError(f"Could not load {str(path)!r}: {e}") from e
+
+
+def load_argen(model: Any, device: Any = None, dtype: Any = None) -> tuple[Any, str]:
+    """Resolve ``model`` (zoo name | directory | HF id | ready adapter) to an ARGenAdapter."""
+    import importlib
+
+    from mmfast.models.argen import ARGenAdapter
+
+    if isinstance(model, ARGenAdapter):
+        return model, type(model).__name__
+    if not isinstance(model, (str, os.PathLike)):
+        raise ConfigError("model must be a zoo name, a directory, a Hugging Face id or an ARGenAdapter.")
+    name = str(model)
+    path: str | Path = zoo.zoo_path(name) if zoo.is_zoo_name(name) else name
+    kind = _argen_kind(path)
+    if kind not in ARGEN_ADAPTERS:
+        raise UnsupportedModelError(
+            f"{name!r} is a {kind or 'unknown'} model; image generation supports {', '.join(ARGEN_ADAPTERS)}."
+        )
+    module, cls = ARGEN_ADAPTERS[kind].split(":")
+    adapter_cls = getattr(importlib.import_module(module), cls)
+    return adapter_cls.from_pretrained(path, device=_device(device), dtype=_dtype(dtype)), name
+
+
 def pipeline(
     task: str,
     model: Any = None,
@@ -85,7 +140,7 @@ def pipeline(
     """Build a pipeline.
 
     Args:
-        task: ``"image-qa"``, ``"image-caption"`` or ``"video-qa"``.
+        task: ``"image-qa"``, ``"image-caption"``, ``"video-qa"``, ``"class-to-image"`` or ``"text-to-image"``.
         model: zoo name (default: the task's embedded model), local directory, HF id, or ``(model, processor)``.
         accelerate: ``None``, a spec string such as ``"pool(factor=2)+kv_window(sink=4,recent=64)"``, an
             accelerator object, or a list of them.
@@ -96,6 +151,11 @@ def pipeline(
     if task not in TASKS:
         raise ConfigError(f"Unknown task {task!r}. Tasks: {', '.join(TASKS)}.")
     acc = resolve(accelerate)
+    if task in GEN_TASKS:
+        gen_adapter, name = load_argen(model if model is not None else DEFAULT_MODELS[task], device=device, dtype=dtype)
+        for a in acc:
+            a.check_compatible(gen_adapter)
+        return TASKS[task](gen_adapter, acc, model_name=name, **kwargs)
     m, p, name = load_vlm(model if model is not None else DEFAULT_MODELS[task], device=device, dtype=dtype)
     adapter = adapter_for(m, p)
     for a in acc:

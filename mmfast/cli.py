@@ -73,6 +73,44 @@ def caption(
 
 
 @app.command()
+def generate(
+    labels: str | None = typer.Option(None, help="comma-separated class labels, e.g. 0,1,2 (class-to-image)"),
+    prompt: list[str] = typer.Option([], help="text prompt(s) (text-to-image); repeat for several"),
+    out: Path = typer.Option(Path("grid.png"), help="where to write the image grid (PNG)"),
+    model: str | None = ModelOpt,
+    accelerate: str | None = AccelOpt,
+    seed: int = typer.Option(0),
+    n: int = typer.Option(1, help="images per label / prompt"),
+    guidance_scale: float | None = typer.Option(None, help="default: the model's recommended value"),
+    temperature: float | None = typer.Option(None),
+    top_k: int | None = typer.Option(None),
+    top_p: float | None = typer.Option(None),
+    scale: int = typer.Option(4, help="upscale factor of the grid (nearest) so small images are visible"),
+) -> None:
+    """Generate images with an AR image model and write them as one grid PNG."""
+    import mmfast
+    from mmfast.errors import InvalidInputError
+    from mmfast.pipelines.image_gen import image_grid
+
+    if (labels is None) == (not prompt):
+        raise InvalidInputError("Pass either --labels 0,1,2 or --prompt 'digit 7'.")
+    task = "class-to-image" if labels is not None else "text-to-image"
+    pipe = mmfast.pipeline(task, model=model, accelerate=accelerate)
+    if labels is not None:
+        try:
+            conds: list = [int(x) for x in labels.split(",") if x.strip()]
+        except ValueError as e:
+            raise InvalidInputError(f"--labels must be comma-separated integers, got {labels!r}.") from e
+    else:
+        conds = list(prompt)
+    res = pipe(conds, num_images_per_condition=n, seed=seed, guidance_scale=guidance_scale, temperature=temperature,
+               top_k=top_k, top_p=top_p)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(res.images, cols=len(conds) if n > 1 else min(len(conds), 10), scale=scale).save(out)
+    typer.echo(json.dumps({"out": str(out), "images": len(res.images), **res.stats}, default=str))
+
+
+@app.command()
 def bench(
     suite: str = typer.Argument(..., help="suite name (see `mmfast bench --list x`)"),
     accelerate: list[str] = typer.Option([], "--accelerate", "-a", help="a method spec; repeat for several"),

@@ -121,6 +121,21 @@ class KVAccelerator(Accelerator):
         return ctx.phase == "prefill"
 
 
+class DecodeAccelerator(Accelerator):
+    """Decode stage: replaces the one-token-per-step loop of AR image generators (:func:`mmfast.decoding.ar_decode`).
+
+    ``decode`` must sample from :meth:`ARGenAdapter.target_probs` (the shared target distribution).
+    """
+
+    stages = (Stage.DECODE,)
+    applies_to = ("argen",)
+
+    def decode(
+        self, adapter: Any, conditions: list[Any], sampling: Any, generator: Any, callback: Any = None, progress: Any = True
+    ) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
 # -------------------------------------------------------------------------------------------------
 # registry
 # -------------------------------------------------------------------------------------------------

@@ -1,0 +1,161 @@
+"""ARGenAdapter: the one interface every AR image generator exposes to the decoders.
+
+A decoder (the baseline loop in :mod:`mmfast.decoding`, or SJD / LANTERN / GSD later) only needs:
+
+* ``session = adapter.session(conditions, sampling)``: conditioning prefilled into a KV cache (batch
+  doubled for classifier-free guidance);
+* ``session.prefill() -> raw[B', 1, V]``: logits for image position 0;
+* ``session.forward(tokens[B, L], positions[L]) -> raw[B', L, V]``: feed image tokens at absolute image
+  positions; ``raw[:, j]`` predicts the token after ``positions[j]``;
+* ``session.truncate(n)``: keep the conditioning plus the first ``n`` fed image tokens;
+* ``adapter.target_probs(raw, sampling) -> probs[B, L, V]``: THE processed target distribution
+  (CFG → temperature → top-k → top-p → softmax) that the baseline and every accelerated decoder share;
+* ``adapter.codebook_embeddings() -> [V, D]`` and ``adapter.decode(tokens) -> images``.
+
+``B' = 2B`` when ``guidance_scale > 1`` (conditional rows first, unconditional rows second), else ``B``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+
+from mmfast.errors import ConfigError, InvalidInputError
+
+
+@dataclass
+class Sampling:
+    """How the next token is drawn. ``temperature=0`` means greedy (argmax)."""
+
+    guidance_scale: float = 1.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.guidance_scale, (int, float)) or self.guidance_scale < 0 or math.isnan(self.guidance_scale):
+            raise ConfigError(f"guidance_scale must be a number >= 0, got {self.guidance_scale!r}.")
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}.")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ConfigError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}.")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}.")
+
+    @property
+    def cfg(self) -> bool:
+        return self.guidance_scale > 1
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def cfg_combine(raw: torch.Tensor, scale: float) -> torch.Tensor:
+    """``uncond + s * (cond - uncond)`` over the doubled batch (cond rows first): (2B, ..., V) → (B, ..., V)."""
+    cond, uncond = raw.chunk(2, dim=0)
+    return uncond + (cond - uncond) * scale
+
+
+def warp_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """Temperature, then top-k, then top-p, with transformers' warper semantics (filtered logits = -inf)."""
+    logits = logits.float()
+    if sampling.temperature not in (0, 1):
+        logits = logits / sampling.temperature
+    if sampling.top_k > 0 and sampling.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, sampling.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cum <= (1 - sampling.top_p)
+        remove[..., -1:] = False  # always keep the most likely token
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    return logits
+
+
+def target_probs(raw: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """The processed target distribution: CFG → temperature → top-k → top-p → softmax (one-hot if greedy).
+
+    Args:
+        raw: (B', L, V) or (B', V) logits from a session (``B' = 2B`` under CFG).
+    Returns:
+        (B, L, V) / (B, V) float32 probabilities.
+    """
+    logits = cfg_combine(raw.float(), sampling.guidance_scale) if sampling.cfg else raw.float()
+    if sampling.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    return warp_logits(logits, sampling).softmax(dim=-1)
+
+
+class ARGenSession:
+    """One generation request's KV cache. Subclasses implement prefill / forward / truncate."""
+
+    batch: int  # B (rows the user asked for)
+    length: int  # image tokens currently held in the cache
+
+    def prefill(self) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def truncate(self, n: int) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class ARGenAdapter:
+    """Family-agnostic part of an AR image generator adapter."""
+
+    kind: ClassVar[str] = "argen"
+    family: ClassVar[str] = ""
+    #: "class" (labels) or "text" (prompts)
+    conditioning: ClassVar[str] = "class"
+
+    grid: tuple[int, int]  # (rows, cols) of the image token grid, raster order
+    codebook_size: int
+
+    def __init__(self) -> None:
+        self.decode_methods: list[Any] = []
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    # accelerators of the decode stage register here (see mmfast.accel.base)
+    def add_accelerator(self, acc: Any) -> None:
+        self.decode_methods.append(acc)
+
+    def remove_accelerator(self, acc: Any) -> None:
+        while acc in self.decode_methods:
+            self.decode_methods.remove(acc)
+
+    def session(self, conditions: list[Any], sampling: Sampling) -> ARGenSession:  # pragma: no cover
+        raise NotImplementedError
+
+    def target_probs(self, raw: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+        return target_probs(raw, sampling)
+
+    def codebook_embeddings(self) -> torch.Tensor:  # pragma: no cover - abstract
+        """(V, D) latent vectors of the image codebook (for latent-neighbour methods)."""
+        raise NotImplementedError
+
+    def decode(self, tokens: torch.Tensor) -> list[Image.Image]:  # pragma: no cover - abstract
+        """(B, N) image tokens → B PIL images."""
+        raise NotImplementedError
+
+    def parse_conditions(self, conditions: Any) -> list[Any]:
+        """Validate user conditions (labels or prompts) into a list; adapters override for their vocabulary."""
+        if conditions is None:
+            raise InvalidInputError(f"{self.family}: pass {'labels' if self.conditioning == 'class' else 'prompt'}.")
+        return list(conditions) if isinstance(conditions, (list, tuple)) else [conditions]
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) float in [-1, 1] → PIL RGB images."""
+    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
