@@ -794,3 +794,246 @@ def make_test_video(num_frames: int = 8, size: int | tuple[int, int] = 64, seed:
         f[y : y + side, x : x + side] = color
         frames.append(np.clip(f, 0, 255).astype(np.uint8))
     return np.stack(frames)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tiny AR image generators (Janus image-generation mode, Emu3-Gen)
+# ----------------------------------------------------------------------------------------------------------
+
+# Janus: DeepSeek's SFT format ("<|User|>: ...\n\n<|Assistant|>:"), text parts only.
+_JANUS_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}<|User|>: "
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{{ '\\n\\n' }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|Assistant|>:{% endif %}"
+)
+_JANUS_SPECIALS: tuple[str, ...] = (
+    "<|begin_of_sentence|>",  # bos (prepended)
+    "<|end_of_sentence|>",  # eos
+    "<|pad|>",
+    "<image_placeholder>",
+    "<begin_of_image>",
+    "<end_of_image>",
+    "<|User|>",
+    "<|Assistant|>",
+)
+# Emu3: the real checkpoints' names (EOL = <|extra_200|>, EOF = <|extra_201|>, bos / eos = extra_203 / 204).
+_EMU3_SPECIALS: tuple[str, ...] = (
+    "<|extra_203|>",  # bos (the processor prepends it as text)
+    "<|extra_204|>",  # eos
+    "<|endoftext|>",  # pad
+    "<image>",
+    "<|image start|>",
+    "<|image end|>",
+    "<|image token|>",
+    "<|extra_200|>",  # end of line (after each row of visual tokens)
+    "<|extra_201|>",  # end of frame
+)
+
+
+def _tiny_bpe(specials: tuple[str, ...], vocab_size: int, prepend_bos: bool, extra_tokens: tuple[str, ...] = ()) -> Any:
+    """An in-memory byte-level BPE (trained on the fixed corpus) with ``specials`` first and ``extra_tokens`` last."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(specials),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(_CORPUS) * 4, trainer)
+    if prepend_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{specials[0]} $A",
+            pair=f"{specials[0]} $A {specials[0]} $B",
+            special_tokens=[(specials[0], tok.token_to_id(specials[0]))],
+        )
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    if extra_tokens:
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in extra_tokens])
+    return tok
+
+
+def _save_tiny(model: Any, processor: Any, save_dir: str | Path, meta: dict[str, Any]) -> Path:
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(save_dir)
+    processor.save_pretrained(save_dir)
+    (save_dir / "mmfast_tiny.json").write_text(json.dumps(meta, indent=2))
+    return save_dir
+
+
+def build_tiny_janus(save_dir: str | Path, seed: int = 0) -> Path:
+    """A random-initialised ``JanusForConditionalGeneration`` + ``JanusProcessor`` saved into ``save_dir``.
+
+    Image generation: a 4x4 grid of image tokens (vision 32 px / patch 8, ``num_image_tokens=16``) over a
+    codebook of 64 entries (VQ embed dim 8), decoded by the VQ decoder to 32x32 px. Llama text model: hidden 64,
+    2 layers, 4 heads / 2 KV heads; in-memory BPE (~320 tokens) with Janus's special tokens and a chat template
+    in DeepSeek's SFT format. ``generation_config`` carries ``generation_kwargs={"boi_token_id": ...}`` and the
+    bos / pad ids that ``generate(generation_mode="image")`` needs. Weights depend only on ``seed`` (forked RNG).
+    """
+    import torch
+    from transformers import (
+        GenerationConfig,
+        JanusConfig,
+        JanusForConditionalGeneration,
+        JanusImageProcessor,
+        JanusProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    bpe = _tiny_bpe(_JANUS_SPECIALS, 320, prepend_bos=True)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=_JANUS_SPECIALS[0],
+        eos_token=_JANUS_SPECIALS[1],
+        pad_token=_JANUS_SPECIALS[2],
+        padding_side="left",
+        extra_special_tokens={
+            "image_token": _JANUS_SPECIALS[3],
+            "boi_token": _JANUS_SPECIALS[4],
+            "eoi_token": _JANUS_SPECIALS[5],
+        },
+    )
+    ids = {t: tok.convert_tokens_to_ids(t) for t in _JANUS_SPECIALS}
+    hidden = 64
+    text = dict(
+        model_type="llama",
+        hidden_size=hidden,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        initializer_range=_TINY_INIT_RANGE,
+        bos_token_id=ids[_JANUS_SPECIALS[0]],
+        eos_token_id=ids[_JANUS_SPECIALS[1]],
+        pad_token_id=ids[_JANUS_SPECIALS[2]],
+        tie_word_embeddings=False,
+    )
+    vision = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        mlp_ratio=2.0,
+        image_size=32,
+        patch_size=8,
+        projection_dim=hidden,
+        depth=2,
+        num_image_tokens=16,
+    )
+    vq = dict(
+        embed_dim=8,
+        num_embeddings=64,
+        latent_channels=32,
+        base_channels=32,  # GroupNorm(32) needs multiples of 32
+        channel_multiplier=[1, 1, 2, 2],  # 3 upsamplings: 4x4 tokens -> 32x32 px
+        num_res_blocks=1,
+        projection_dim=hidden,
+        image_token_embed_dim=hidden,
+        num_hidden_layers=2,
+    )
+    config = JanusConfig(
+        text_config=text,
+        vision_config=vision,
+        vq_config=vq,
+        image_token_id=ids[_JANUS_SPECIALS[3]],
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = JanusForConditionalGeneration(config)
+    model.eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=text["bos_token_id"],
+        eos_token_id=text["eos_token_id"],
+        pad_token_id=text["pad_token_id"],
+        generation_kwargs={"boi_token_id": ids[_JANUS_SPECIALS[4]]},
+    )
+    ip = JanusImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = JanusProcessor(image_processor=ip, tokenizer=tok, chat_template=_JANUS_TEMPLATE, num_image_tokens=16)
+    return _save_tiny(model, processor, save_dir, {"family": "janus", "seed": seed})
+
+
+def build_tiny_emu3(save_dir: str | Path, seed: int = 0) -> Path:
+    """A random-initialised ``Emu3ForConditionalGeneration`` + ``Emu3Processor`` saved into ``save_dir``.
+
+    Image generation with ``image_area=1024`` (the processor's default is 720x720): a 4x4 grid of visual tokens
+    (``<|visual token 000000|>`` ... over a codebook of 64 entries) plus one end-of-line token ``<|extra_200|>``
+    per row, decoded by the VQ decoder (8x spatial factor, as the processor assumes) to 32x32 px. Text model:
+    hidden 64, 2 layers, 4 heads / 2 KV heads; in-memory BPE with Emu3's special tokens; the visual tokens have
+    the last ids and ``config.vocabulary_map`` maps every token name to its id, as in the real checkpoints.
+    Weights depend only on ``seed`` (forked RNG).
+    """
+    import torch
+    from transformers import (
+        Emu3Config,
+        Emu3ForConditionalGeneration,
+        Emu3ImageProcessor,
+        Emu3Processor,
+        GenerationConfig,
+        PreTrainedTokenizerFast,
+    )
+
+    codebook = 64
+    visual = tuple(f"<|visual token {i:06d}|>" for i in range(codebook))
+    bpe = _tiny_bpe(_EMU3_SPECIALS, 320, prepend_bos=False, extra_tokens=visual)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=_EMU3_SPECIALS[0],
+        eos_token=_EMU3_SPECIALS[1],
+        pad_token=_EMU3_SPECIALS[2],
+        padding_side="left",
+        extra_special_tokens={
+            "image_token": _EMU3_SPECIALS[3],
+            "boi_token": _EMU3_SPECIALS[4],
+            "eoi_token": _EMU3_SPECIALS[5],
+            "image_wrapper_token": _EMU3_SPECIALS[6],
+            "eof_token": _EMU3_SPECIALS[8],
+        },
+    )
+    vocab = tok.get_vocab()
+    text = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=512,
+        initializer_range=_TINY_INIT_RANGE,
+        bos_token_id=vocab[_EMU3_SPECIALS[0]],
+        eos_token_id=vocab[_EMU3_SPECIALS[1]],
+        pad_token_id=vocab[_EMU3_SPECIALS[2]],
+    )
+    vq = dict(
+        codebook_size=codebook,
+        embed_dim=4,
+        latent_channels=4,
+        temporal_downsample_factor=1,
+        base_channels=32,  # GroupNorm(32)
+        channel_multiplier=[1, 1, 2, 2],  # spatial factor 8 (= Emu3Processor.downsample_ratio)
+        num_res_blocks=1,
+        attn_resolutions=[],
+        hidden_size=64,  # the VQ middle attention runs at base_channels * channel_multiplier[-1]
+    )
+    # image_area (pixels of the generated image) is a field of the original Emu3-Gen config; the adapter reads it
+    config = Emu3Config(text_config=text, vq_config=vq, vocabulary_map=vocab, image_area=32 * 32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Emu3ForConditionalGeneration(config)
+    model.eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=text["bos_token_id"], eos_token_id=text["eos_token_id"], pad_token_id=text["pad_token_id"]
+    )
+    ip = Emu3ImageProcessor(
+        min_pixels=32 * 32, max_pixels=64 * 64, spatial_factor=8, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    processor = Emu3Processor(image_processor=ip, tokenizer=tok)
+    return _save_tiny(model, processor, save_dir, {"family": "emu3", "seed": seed})

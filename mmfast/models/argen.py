@@ -62,8 +62,10 @@ def cfg_combine(raw: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def warp_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """Temperature, then top-k, then top-p, with transformers' warper semantics (filtered logits = -inf)."""
-    logits = logits.float()
+    """Temperature, then top-k, then top-p, with transformers' warper semantics (filtered logits = -inf).
+
+    Runs in the dtype of ``logits`` (as transformers' warpers do).
+    """
     if sampling.temperature not in (0, 1):
         logits = logits / sampling.temperature
     if sampling.top_k > 0 and sampling.top_k < logits.shape[-1]:
@@ -81,15 +83,27 @@ def warp_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
 def target_probs(raw: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     """The processed target distribution: CFG → temperature → top-k → top-p → softmax (one-hot if greedy).
 
+    Every step runs in the dtype of ``raw`` and only the probabilities are cast to float32: transformers'
+    processors work on the scores in the dtype they get, so a session returns ``raw`` in the dtype its reference
+    loop processes (Janus' image loop: the model dtype, e.g. bf16; ``GenerationMixin`` loops: float32). Upcasting
+    earlier changes bf16 distributions by up to ~1e-2 (CFG / temperature / softmax round differently). (Tokens can
+    still differ from a bf16 reference on rare draws: ``torch.multinomial`` rounds ``p / Exp(1)`` in p's dtype.)
+
     Args:
         raw: (B', L, V) or (B', V) logits from a session (``B' = 2B`` under CFG).
     Returns:
         (B, L, V) / (B, V) float32 probabilities.
     """
-    logits = cfg_combine(raw.float(), sampling.guidance_scale) if sampling.cfg else raw.float()
+    logits = cfg_combine(raw, sampling.guidance_scale) if sampling.cfg else raw
     if sampling.greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    return warp_logits(logits, sampling).softmax(dim=-1)
+    probs = warp_logits(logits, sampling).softmax(dim=-1)
+    if probs.dtype in (torch.float16, torch.bfloat16):
+        # a half-precision softmax sums to 1 only within ~1e-3: renormalise in float32 so acceptance / residual
+        # maths get a proper distribution (torch.multinomial draws argmax p / Exp(1): scaling p changes nothing)
+        probs = probs.float()
+        return probs / probs.sum(dim=-1, keepdim=True)
+    return probs.float()
 
 
 class ARGenSession:
