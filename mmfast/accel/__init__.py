@@ -38,3 +38,27 @@ __all__ = [
     "register",
     "resolve",
 ]
+
+from mmfast.accel.sjd import SJD  # noqa: E402  (registers "sjd")
+
+__all__ += ["SJD"]
+
+from mmfast.accel.turbo import Turbo  # noqa: E402  (registers "turbo")
+
+__all__ += ["Turbo"]
+
+from mmfast.accel.tokenflex import AdaptivePool, TokenFlex  # noqa: E402  (registers "adaptive_pool", "tokenflex")
+
+__all__ += ["AdaptivePool", "TokenFlex"]
+
+from mmfast.accel.lookm import LookM  # noqa: E402  (registers "lookm")
+from mmfast.accel.zipvl import ZipVL  # noqa: E402  (registers "zipvl")
+
+__all__ += ["LookM", "ZipVL"]
+from mmfast.accel.gsd import GSD  # noqa: E402
+from mmfast.accel.lantern import Lantern  # noqa: E402
+
+__all__ += ["GSD", "Lantern"]
+from mmfast.accel.eagle import EagleSD  # noqa: E402
+
+__all__ += ["EagleSD"]

@@ -116,6 +116,14 @@ class KVAccelerator(Accelerator):
         """Return the keys / values to keep, shapes (B, kv_heads, S', head_dim) with S' <= S."""
         raise NotImplementedError
 
+    def quantize(
+        self, keys: torch.Tensor, values: torch.Tensor, ctx: KVContext
+    ) -> tuple[list[Any], torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
+        """``role = "quantize"`` methods are called here instead of :meth:`compress`, with the full-precision tail
+        (B, kv_heads, S, head_dim) of the layer: return ``(segments, keys_left, values_left)`` where ``segments`` are
+        :class:`~mmfast.models.cache.KVSegment` s now holding some of those entries (dequantized on read)."""
+        raise NotImplementedError
+
     def wants_update(self, ctx: KVContext) -> bool:
         """Whether to call :meth:`compress` after this update (default: after prefill only)."""
         return ctx.phase == "prefill"

@@ -130,4 +130,5 @@ class KVWindow(KVAccelerator):
         if s <= self.sink + self.recent:
             return keys, values
         idx = torch.cat([torch.arange(self.sink), torch.arange(s - self.recent, s)]).to(keys.device)
+        ctx.positions = ctx.entry_positions(keys)[..., idx]  # for a quantizer stacked after this eviction
         return keys.index_select(-2, idx), values.index_select(-2, idx)

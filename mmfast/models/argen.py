@@ -158,6 +158,10 @@ class ARGenAdapter:
         """(V, D) latent vectors of the image codebook (for latent-neighbour methods)."""
         raise NotImplementedError
 
+    def token_embeddings(self) -> torch.Tensor:  # pragma: no cover - abstract
+        """(V, D) the language model's input embeddings of the image tokens (GSD groups tokens by these)."""
+        raise NotImplementedError
+
     def decode(self, tokens: torch.Tensor) -> list[Image.Image]:  # pragma: no cover - abstract
         """(B, N) image tokens → B PIL images."""
         raise NotImplementedError

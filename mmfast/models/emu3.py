@@ -275,6 +275,11 @@ class Emu3Adapter(ARGenAdapter):
         """(V, D) VQ codebook vectors (``vqmodel.quantize.embedding.weight``; row k = visual token k)."""
         return self.model.model.vqmodel.quantize.embedding.weight.detach()
 
+    def token_embeddings(self) -> torch.Tensor:
+        """(V, hidden) the LLM's input embeddings of the visual tokens, in codebook order."""
+        emb = self.model.get_input_embeddings().weight
+        return emb[self.visual_token_ids.to(emb.device)].detach().float()
+
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> list[Image.Image]:
         """(B, N) visual-token indices (raster order) → B PIL images through the Emu3 VQ decoder ([-1, 1] pixels),

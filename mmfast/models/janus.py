@@ -312,6 +312,12 @@ class JanusAdapter(ARGenAdapter):
         return self.model.model.vqmodel.quantize.embedding.weight.detach()
 
     @torch.inference_mode()
+    def token_embeddings(self) -> torch.Tensor:
+        """(V, hidden) what the LLM reads for each image token: the aligned generation embeddings."""
+        ids = torch.arange(self.codebook_size, device=self.model.device)
+        return self.model.prepare_embeddings_for_image_generation(ids).detach().float()
+
+    @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> list[Image.Image]:
         """(B, N) image tokens → B PIL images through ``model.decode_image_tokens`` (VQ decoder, [-1, 1] pixels)."""
         if tokens.ndim != 2 or tokens.shape[1] != self.num_tokens:

@@ -626,6 +626,10 @@ class LlamaGenAdapter(ARGenAdapter):
         """(V, D) raw VQ codebook vectors (pre-normalisation)."""
         return self._need_vq().codebook().detach()
 
+    def token_embeddings(self) -> torch.Tensor:
+        """(V, dim) the GPT's input embeddings of the image tokens."""
+        return self.gpt.tok_embeddings.weight.detach()
+
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> list[Image.Image]:
         vq = self._need_vq()

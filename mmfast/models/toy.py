@@ -87,6 +87,9 @@ class ToyARAdapter(ARGenAdapter):
     def codebook_embeddings(self) -> torch.Tensor:
         return self._codebook
 
+    def token_embeddings(self) -> torch.Tensor:
+        return self.net.tok.weight.detach()
+
     def decode(self, tokens: torch.Tensor) -> list[Image.Image]:
         palette = torch.linspace(0, 255, self.codebook_size).to(torch.uint8)
         grids = palette[tokens].reshape(-1, *self.grid)
