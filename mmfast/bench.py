@@ -169,4 +169,5 @@ def run(
 
 
 def _load_suites() -> None:
-    import mmfast.bench_suites  # noqa: F401  (registers the suites)
+    import mmfast.bench_ar  # noqa: F401  (registers the suites)
+    import mmfast.bench_suites  # noqa: F401
