@@ -132,6 +132,7 @@ class ARGenAdapter:
 
     grid: tuple[int, int]  # (rows, cols) of the image token grid, raster order
     codebook_size: int
+    drafter_path: Any = None  # directory of a shipped draft head, if any
 
     def __init__(self) -> None:
         self.decode_methods: list[Any] = []

@@ -682,7 +682,10 @@ class LlamaGenAdapter(ARGenAdapter):
         device = torch.device(device) if device is not None else torch.device("cpu")
         gpt = gpt.to(device=device, dtype=dtype if isinstance(dtype, torch.dtype) else None)
         vq = None if vq is None else vq.to(device)
-        return cls(gpt, vq, data.get("id2label"), data.get("recommended"), text_encoder)
+        adapter = cls(gpt, vq, data.get("id2label"), data.get("recommended"), text_encoder)
+        if (path / "drafter" / "drafter.safetensors").is_file():  # a shipped EAGLE-style draft head (eagle_sd / lantern)
+            adapter.drafter_path = path / "drafter"
+        return adapter
 
 
 # --------------------------------------------------------------------------------------------------
