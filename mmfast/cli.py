@@ -118,16 +118,29 @@ def bench(
     json_path: Path | None = typer.Option(None, "--json", help="write rows as JSON here"),
     md_path: Path | None = typer.Option(None, "--md", help="write a markdown table here"),
     list_suites: bool = typer.Option(False, "--list", help="list the suites and exit"),
+    opt: list[str] = typer.Option([], "--opt", help="suite option key=value, e.g. --opt samples=500; repeatable"),
 ) -> None:
     """Run a benchmark suite: the baseline and each --accelerate spec side by side in one process."""
+    import ast
+
     from mmfast import bench as B
+    from mmfast.errors import ConfigError
 
     B._load_suites()
     if list_suites:
         for name, text in sorted(B.SUITE_HELP.items()):
             typer.echo(f"{name:16s} {text}")
         return
-    res = B.run(suite, accelerate, repeats=repeats, json_path=json_path, md_path=md_path)
+    opts: dict[str, Any] = {}
+    for item in opt:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--opt takes key=value, got {item!r}.")
+        try:
+            opts[key.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            opts[key.strip()] = value
+    res = B.run(suite, accelerate, repeats=repeats, json_path=json_path, md_path=md_path, **opts)
     typer.echo(res.to_markdown())
 
 
@@ -155,6 +168,72 @@ def zoo_list() -> None:
 
     for name, present in zoo.available().items():
         typer.echo(f"{name:14s} {'installed' if present else 'missing  '}  {zoo.MODELS[name][1]}")
+
+
+@zoo_app.command("train")
+def zoo_train(
+    name: str = typer.Argument(..., help="zoo model to train, e.g. tiny-vlm"),
+    out: Path | None = typer.Option(None, help="where to write the model (default: the zoo directory; "
+                                    "WORK_DIR/model with --quick or --steps)"),
+    work_dir: Path | None = typer.Option(None, help="checkpoints, log.jsonl and curves (default: mmfast-train/NAME)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in WORK_DIR from its last checkpoint"),
+    steps: int | None = typer.Option(None, help="cap every stage at this many steps (smoke run)"),
+    quick: bool = typer.Option(False, "--quick", help="tiny model, a few steps per stage (about a minute)"),
+) -> None:
+    """Train a zoo model on CPU with its recipe (resumable, progress bar, log of losses and accuracies)."""
+    from mmfast import zoo
+    from mmfast.errors import UnsupportedModelError
+
+    if name == "tiny-vlm":
+        from mmfast.zoo.tiny_vlm import train
+    elif name == "tiny-vlm-flex":  # starts from the installed tiny-vlm
+        from mmfast.zoo.tiny_vlm_flex import train
+    elif name == "tiny-ar":
+        from mmfast.zoo.tiny_ar import train
+    else:
+        raise UnsupportedModelError(f"`mmfast zoo train` knows tiny-vlm, tiny-vlm-flex and tiny-ar, not {name!r}.")
+
+    smoke = quick or steps is not None
+    work = work_dir if work_dir is not None else Path("mmfast-train") / name
+    target = out if out is not None else (None if smoke else zoo.ROOT / zoo.MODELS[name][0])
+    train(out_dir=target, work_dir=work, resume=resume, steps=steps, quick=quick, log=typer.echo)
+
+
+@zoo_app.command("eval")
+def zoo_eval(
+    name: str = typer.Argument(..., help="zoo model, e.g. tiny-vlm"),
+    split: str = typer.Option("heldout", help="data split: heldout (reported numbers) or train"),
+    n: int | None = typer.Option(None, "--n", help="number of images (default: 1000; tiny-ar: 500 samples)"),
+    n_clips: int | None = typer.Option(None, help="number of video clips (default: n / 2)"),
+    seed: int = typer.Option(0, help="data seed"),
+    accelerate: str | None = AccelOpt,
+    model: str | None = typer.Option(None, "--model", "-m", help="evaluate this checkpoint directory instead"),
+    json_path: Path | None = typer.Option(None, "--json", help="also write the results as JSON here"),
+) -> None:
+    """Held-out accuracy per question type (images and videos) through the real pipeline, with the majority
+    baseline beside it. tiny-ar: class consistency and Fréchet distance to held-out digits (seed = sampling seed)."""
+    import mmfast
+    from mmfast.zoo.evaluate import evaluate_vlm, format_report
+
+    if name == "tiny-ar":
+        from mmfast.zoo.tiny_ar import evaluate, format_eval
+
+        res = evaluate(model or name, n=500 if n is None else n, seed=seed, accelerate=accelerate, progress=True)
+        typer.echo(format_eval(res))
+        if json_path is not None:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps({k: v for k, v in res.items() if k != "images"}, indent=2))
+        return
+    n = 1000 if n is None else n
+    pipe = mmfast.pipeline("image-qa", model=model or name, accelerate=accelerate)
+    clips = n // 2 if n_clips is None else n_clips
+    res = evaluate_vlm(pipe, split=split, n_images=n, n_clips=clips, seed=seed)
+    res["model"], res["accelerate"], res["split"], res["seed"] = model or name, pipe.accelerate.spec(), split, seed
+    typer.echo(format_report(res, title=f"{model or name} [{pipe.accelerate.spec()}] on {split} (seed {seed}), "
+                                        f"{res['seconds']:.0f} s"))
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(res, indent=2))
 
 
 def main() -> None:

@@ -65,6 +65,14 @@ def select_kept(scores: torch.Tensor, text: torch.Tensor | None, keep: int, rece
     return torch.cat([heavy, tail], dim=-1).sort(dim=-1).values
 
 
+def _nearest_kept(evicted: torch.Tensor, kept: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best cosine similarity (B, H, E) and index of the most similar kept key, in chunks of evicted rows (the full
+    (E, k) similarity of a long video would not fit in memory)."""
+    kn = F.normalize(kept, dim=-1).transpose(-1, -2)
+    best, idx = zip(*((F.normalize(c, dim=-1) @ kn).max(dim=-1) for c in evicted.split(chunk, dim=2)))
+    return torch.cat(best, dim=-1), torch.cat(idx, dim=-1)
+
+
 def merge_evicted(
     keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor, how: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,8 +87,7 @@ def merge_evicted(
     evicted = torch.argsort(is_kept.to(torch.int8), dim=-1, stable=True)[..., : s - k]  # not-kept first
     ke = keys.gather(2, evicted[..., None].expand(b, h, s - k, d)).float()
     ve = values.gather(2, evicted[..., None].expand(b, h, s - k, d)).float()
-    sim = F.normalize(ke, dim=-1) @ F.normalize(kk.float(), dim=-1).transpose(-1, -2)  # (B, H, E, k) cosine
-    best, pivot = sim.max(dim=-1)
+    best, pivot = _nearest_kept(ke, kk.float())
     use = torch.ones_like(best) if how == "pivot" else (best >= best.mean(dim=-1, keepdim=True)).float()
     if how == "pivot":
         at = pivot[..., None].expand(b, h, s - k, d)
@@ -112,15 +119,15 @@ class LookM(KVAccelerator):
 
     def validate(self) -> None:
         b = self.budget
-        if isinstance(b, bool) or not (
-            (isinstance(b, float) and 0 < b <= 1) or (isinstance(b, int) and b >= 1)
-        ):
+        if isinstance(b, bool) or not ((isinstance(b, float) and 0 < b <= 1) or (isinstance(b, int) and b >= 1)):
             raise ConfigError(f"lookm: budget must be a fraction in (0, 1] or a token count >= 1, got {b!r}.")
         if self.merge not in MERGES:
             raise ConfigError(f"lookm: merge must be one of {', '.join(MERGES)}, got {self.merge!r}.")
         if isinstance(self.recent, bool) or not isinstance(self.recent, (int, float)) or not 0 <= self.recent <= 1:
             raise ConfigError(f"lookm: recent must be a fraction in [0, 1], got {self.recent!r}.")
-        if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1):
+        if self.window is not None and (
+            isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1
+        ):
             raise ConfigError(f"lookm: window must be None or an integer >= 1, got {self.window!r}.")
 
     def __post_init__(self) -> None:

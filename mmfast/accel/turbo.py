@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from mmfast.accel.base import VisionAccelerator, register
-from mmfast.errors import ConfigError
+from mmfast.errors import ConfigError, IncompatibleAcceleratorError
 from mmfast.models.vlm import VisualTokens
 
 SEMANTIC_SCALE = 30.0  # the reference multiplies alpha by 30 (BLIP Turbo)
@@ -86,7 +86,7 @@ def bipartite_merge(
     x: torch.Tensor,
     size: torch.Tensor,
     anchor: torch.Tensor,
-    metric: torch.Tensor,
+    metric: torch.Tensor | None,
     r: int,
     semantic: torch.Tensor | None = None,
     weight: float = 0.0,
@@ -95,65 +95,54 @@ def bipartite_merge(
     """Merge the ``r`` least informative tokens of set A (even positions) into their best partner in set B.
 
     Args:
-        x: (B, T, D) features; size: (B, T) tokens each stands for; anchor: (B, T) long, distinct per row;
-        metric: (B, T, C) matching metric (cosine); semantic: (B, T) semantic value S, subtracted from the
-        scores of A tokens with factor ``weight`` (alpha * 30 * decay); protect_first: never merge token 0
-        (the class token).
+        x: (B, T, D) features; size: (B, T) tokens each stands for; anchor: (B, T) long, increasing along each
+        row; metric: (B, T, C) matching metric (cosine), None = ``x``; semantic: (B, T) semantic value S,
+        subtracted from the scores of A tokens with factor ``weight`` (alpha * 30 * decay); protect_first: never
+        merge token 0 (the class token).
 
     Features and metric are merged by size-weighted mean, sizes and semantic values are summed (the attention
     a merged token receives under proportional attention is the sum of its parts'), a merged token keeps its B
-    partner's anchor. Output rows are sorted by anchor.
+    partner's anchor, so rows stay sorted by anchor.
     """
-    b, t, d = x.shape
+    b, t, _ = x.shape
     r = min(r, (t - int(protect_first)) // 2)
-    empty = anchor[:, :0]
     if r <= 0:
-        return Merged(x, size, anchor, metric, semantic, empty, empty)
+        empty = anchor[:, :0]
+        return Merged(x, size, anchor, x if metric is None else metric, semantic, empty, empty)
     with torch.no_grad():
-        m = F.normalize(metric.float(), dim=-1)
+        m = F.normalize((x if metric is None else metric).float(), dim=-1)
         scores = m[:, ::2] @ m[:, 1::2].transpose(1, 2)  # (B, Ta, Tb) mutual redundancy
         if semantic is not None and weight:
             scores = scores - weight * semantic[:, ::2, None].float()
         if protect_first:
             scores[:, 0] = -math.inf
         node_max, node_idx = scores.max(dim=-1)
-        order = node_max.argsort(dim=-1, descending=True, stable=True)
-        src, unm = order[:, :r], order[:, r:]
-        dst = node_idx.gather(1, src)
+        src = node_max.argsort(dim=-1, descending=True, stable=True)[:, :r]  # A indices merged away
+        dst = node_idx.gather(1, src)  # their B partners
+        # every token goes to an output slot: kept tokens (B and unmerged A) keep their order, merged A tokens
+        # go to their partner's slot; one index_add per tensor then does all the merging
+        kept = torch.ones(b, t, dtype=torch.bool, device=x.device)
+        kept.scatter_(1, 2 * src, False)
+        rank = kept.cumsum(1) - 1
+        slot = rank.scatter(1, 2 * src, rank.gather(1, 2 * dst + 1))
+        flat = (slot + torch.arange(b, device=x.device)[:, None] * (t - r)).flatten()
 
-    def split(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        a, bb = v[:, ::2], v[:, 1::2]
-        idx = (lambda i: i) if v.dim() == 2 else (lambda i: i[..., None].expand(-1, -1, v.shape[-1]))
-        return a.gather(1, idx(unm)), a.gather(1, idx(src)), bb
+    def total(v: torch.Tensor) -> torch.Tensor:
+        out = v.new_zeros(b * (t - r), *v.shape[2:])
+        return out.index_add_(0, flat, v.flatten(0, 1)).view(b, t - r, *v.shape[2:])
 
-    def add(dst_v: torch.Tensor, src_v: torch.Tensor) -> torch.Tensor:
-        index = dst if dst_v.dim() == 2 else dst[..., None].expand(-1, -1, dst_v.shape[-1])
-        return dst_v.scatter_add(1, index, src_v)
-
-    s_unm, s_src, s_dst = split(size.float())
-    new_b_size = add(s_dst, s_src)
-
-    def wmean(v: torch.Tensor) -> torch.Tensor:
-        v_unm, v_src, v_dst = split(v.float())
-        merged = add(v_dst * s_dst[..., None], v_src * s_src[..., None]) / new_b_size[..., None]
-        return torch.cat([v_unm, merged], 1).to(v.dtype)
-
-    a_anchor, b_anchor = anchor[:, ::2], anchor[:, 1::2]
-    new_anchor = torch.cat([a_anchor.gather(1, unm), b_anchor], 1)
-    order = new_anchor.argsort(dim=1)
-    take = lambda v: v.gather(1, order if v.dim() == 2 else order[..., None].expand(-1, -1, v.shape[-1]))  # noqa: E731
-    new_sem = None
-    if semantic is not None:
-        m_unm, m_src, m_dst = split(semantic.float())
-        new_sem = take(torch.cat([m_unm, add(m_dst, m_src)], 1))
+    w = size.float()
+    new_size = total(w)
+    new_x = (total(x.float() * w[..., None]) / new_size[..., None]).to(x.dtype)
+    new_metric = new_x if metric is None else (total(metric.float() * w[..., None]) / new_size[..., None]).to(metric.dtype)
     return Merged(
-        x=take(wmean(x)),
-        size=take(torch.cat([s_unm, new_b_size], 1)),
-        anchor=take(new_anchor),
-        metric=take(wmean(metric)),
-        semantic=new_sem,
-        src=a_anchor.gather(1, src),
-        dst=b_anchor.gather(1, dst),
+        x=new_x,
+        size=new_size.to(size.dtype),
+        anchor=anchor[kept].view(b, t - r),
+        metric=new_metric,
+        semantic=None if semantic is None else total(semantic.float()),
+        src=anchor.gather(1, 2 * src),
+        dst=anchor.gather(1, 2 * dst + 1),
     )
 
 
@@ -161,7 +150,7 @@ def fold_merge(
     x: torch.Tensor,
     size: torch.Tensor,
     anchor: torch.Tensor,
-    metric: torch.Tensor,
+    metric: torch.Tensor | None,
     r: int,
     semantic: torch.Tensor | None = None,
     weight: float = 0.0,
@@ -170,14 +159,16 @@ def fold_merge(
 ) -> Merged:
     """Remove ``r`` tokens by repeated :func:`bipartite_merge` rounds of at most ``max_fraction`` of the tokens
     (0.5 = Folder's fold: every round takes as many as the bipartite split allows)."""
-    out = Merged(x, size, anchor, metric, semantic, anchor[:, :0], anchor[:, :0])
+    same = metric is None  # the features are their own metric (post-encoder path)
+    out = Merged(x, size, anchor, x if same else metric, semantic, anchor[:, :0], anchor[:, :0])
     srcs, dsts = [], []
     while r > 0:
         t = out.x.shape[1]
         step = min(r, max(1, int(t * max_fraction)), (t - int(protect_first)) // 2)
         if step <= 0:
             break
-        out = bipartite_merge(out.x, out.size, out.anchor, out.metric, step, out.semantic, weight, protect_first)
+        metric_now = None if same else out.metric
+        out = bipartite_merge(out.x, out.size, out.anchor, metric_now, step, out.semantic, weight, protect_first)
         srcs.append(out.src)
         dsts.append(out.dst)
         r -= step
@@ -258,8 +249,6 @@ class Turbo(VisionAccelerator):
         if self.path != "post" and _clip_in_vit_ok(adapter):
             return self._encode_in_vit(adapter, inputs)
         if self.path == "vit":
-            from mmfast.errors import IncompatibleAcceleratorError
-
             raise IncompatibleAcceleratorError(
                 f"turbo(path='vit') merges inside CLIP towers with a class token (LLaVA-1.5); "
                 f"{type(adapter.model).__name__} needs the post-encoder path (path='post' or 'auto')."
@@ -286,12 +275,11 @@ class Turbo(VisionAccelerator):
         if target >= n:
             return tokens
         sem = tokens.extra.get(_SEM)
-        x = tokens.features[regular][None]
         out = fold_merge(
-            x,
+            tokens.features[regular][None],
             tokens.sizes[regular].float()[None],
             regular[None],
-            x,
+            None,
             n - target,
             None if sem is None else sem[regular].float()[None],
             self._weight(),

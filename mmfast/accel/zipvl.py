@@ -5,8 +5,10 @@ Compression", arXiv 2410.08584 (v1: mixed-precision KV; v2: eviction), building 
 normalized attention score and its quantizers). Per decoder layer, at prefill:
 
 1. probe queries P: the last ``probe`` fraction of positions plus as many seeded-random earlier ones (ZipCache's
-   choice; ZipVL's exact probe set is not public). Scores ``a_j = sum_{i in P, heads} softmax(q_i K^T / sqrt(d))_ij``
-   from the shared blockwise probe kernel (the layer itself keeps sdpa);
+   choice; ZipVL's exact probe set is not public), at most ``probe_max`` of each so that scoring stays linear in
+   the prompt length on long videos (the cap only binds above 5k tokens). Scores
+   ``a_j = sum_{i in P, heads} softmax(q_i K^T / sqrt(d))_ij`` come from the shared blockwise probe kernel (the
+   layer itself keeps sdpa);
 2. dynamic ratio (ZipVL eq. for p): ``p = min{p : sum of the top-p a_j >= tau * sum_j a_j}`` (``tau = 0.975``);
 3. important set T: the top-p tokens by *normalized* score ``a_j / #{i in P : i >= j}`` (ZipCache), which removes
    the causal bias toward early tokens;
@@ -29,6 +31,9 @@ Decisions where the public description is thin (documented departures):
   even though it sums over probes only.
 * ``bits`` may use 16 for "keep in full precision"; ``tau >= 1`` keeps every token (identical to the baseline with
   ``mode="evict"`` or ``bits[0] == 16``).
+* ``ratio=r`` replaces the tau rule by a fixed ``p = r * n`` (the paper's fixed-ratio ablation). ``vlm-speed`` uses
+  it to time a random-weight model at the ratio the tau rule picks on a trained one: random attention is nearly
+  uniform, so tau would keep almost every token there.
 """
 
 from __future__ import annotations
@@ -56,13 +61,18 @@ def dynamic_count(scores: torch.Tensor, tau: float) -> int:
 
 
 def important_tokens(
-    scores: torch.Tensor, counts: torch.Tensor, tau: float, force: torch.Tensor | None = None
+    scores: torch.Tensor,
+    counts: torch.Tensor,
+    tau: float,
+    force: torch.Tensor | None = None,
+    ratio: float | None = None,
 ) -> torch.Tensor:
-    """Sorted indices of the important tokens: the top-p by ``scores / counts`` with p from :func:`dynamic_count`.
+    """Sorted indices of the important tokens: the top-p by ``scores / counts`` with p from :func:`dynamic_count`
+    (or ``p = round(ratio * S)`` with a fixed ``ratio``).
 
     scores, counts: (S,); force: indices always included (e.g. the probe window).
     """
-    p = dynamic_count(scores, tau)
+    p = dynamic_count(scores, tau) if ratio is None else max(1, round(ratio * scores.numel()))
     if p >= scores.numel():
         return torch.arange(scores.numel(), device=scores.device)
     norm = scores.float() / counts.clamp_min(1).float()
@@ -84,7 +94,9 @@ class ZipVL(KVAccelerator):
     mode: str = "quant"  # "quant" | "evict"
     every: int = 100
     probe: float = 0.05
+    probe_max: int = 256
     sparse: bool = True
+    ratio: float | None = None  # fixed keep ratio instead of the tau rule (the paper's fixed-ratio ablation)
     seed: int = 0
 
     def validate(self) -> None:
@@ -92,13 +104,22 @@ class ZipVL(KVAccelerator):
             raise ConfigError(f"zipvl: tau must be in (0, 1], got {self.tau!r}.")
         if self.mode not in ("quant", "evict"):
             raise ConfigError(f"zipvl: mode must be 'quant' or 'evict', got {self.mode!r}.")
-        if not isinstance(self.bits, (tuple, list)) or len(self.bits) != 2 or any(b not in (2, 4, 8, 16) for b in self.bits):
+        if (
+            not isinstance(self.bits, (tuple, list))
+            or len(self.bits) != 2
+            or any(b not in (2, 4, 8, 16) for b in self.bits)
+        ):
             raise ConfigError(f"zipvl: bits must be (high, low) from 2, 4, 8, 16, got {self.bits!r}.")
         self.bits = tuple(self.bits)
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
             raise ConfigError(f"zipvl: every must be an integer >= 1, got {self.every!r}.")
         if isinstance(self.probe, bool) or not isinstance(self.probe, (int, float)) or not 0 < self.probe <= 0.5:
             raise ConfigError(f"zipvl: probe must be a fraction in (0, 0.5], got {self.probe!r}.")
+        if isinstance(self.probe_max, bool) or not isinstance(self.probe_max, int) or self.probe_max < 1:
+            raise ConfigError(f"zipvl: probe_max must be an integer >= 1, got {self.probe_max!r}.")
+        r = self.ratio
+        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1):
+            raise ConfigError(f"zipvl: ratio must be None or a fraction in (0, 1], got {r!r}.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -107,6 +128,7 @@ class ZipVL(KVAccelerator):
         self._undo: Any = None
         self.plans: dict[int, torch.Tensor | None] = {}  # layer -> important prompt positions (None: all)
         self.ratios: dict[int, float] = {}  # layer -> p / n of the last prefill
+        self.probe_rows: dict[int, int] = {}  # layer -> probe queries scored at the last prefill
         self._buf: dict[int, list[tuple[torch.Tensor, Any]]] = {}  # layer -> decode-step inputs since re-compression
 
     @property
@@ -117,7 +139,9 @@ class ZipVL(KVAccelerator):
     def attach(self, adapter: Any) -> None:
         super().attach(adapter)
         self._modules = self_attns(adapter)
-        self._handles = [m.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, m in enumerate(self._modules)]
+        self._handles = [
+            m.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, m in enumerate(self._modules)
+        ]
         if self.sparse:
             self._undo = route_attention(adapter, self._attention)
 
@@ -147,23 +171,33 @@ class ZipVL(KVAccelerator):
 
     def _plan(self, attn: torch.nn.Module, hidden: torch.Tensor, pos: Any, idx: int) -> torch.Tensor | None:
         n = hidden.shape[1]
-        if self.tau >= 1:
-            self.ratios[idx] = 1.0
+        if (self.tau >= 1 and self.ratio is None) or self.ratio == 1:
+            self.ratios[idx], self.probe_rows[idx] = 1.0, 0
             return None
-        r = max(1, math.ceil(self.probe * n))
+        r = min(self.probe_max, max(1, math.ceil(self.probe * n)))
         recent = torch.arange(n - r, n, device=hidden.device)
         gen = torch.Generator().manual_seed(self.seed)
         rand = torch.randperm(n - r, generator=gen)[: min(r, n - r)].sort().values.to(hidden.device)
         rows = torch.cat([rand, recent])
+        self.probe_rows[idx] = rows.numel()
         q = project_queries(attn, hidden, pos, rows)
         k = project_keys(attn, hidden, pos)
         scores = probe_attention(q, k, rows).sum(dim=(0, 1))  # one token set per layer: sum batch and heads
-        keep = important_tokens(scores, visible_counts(rows, torch.arange(n, device=rows.device)), self.tau, recent)
+        counts = visible_counts(rows, torch.arange(n, device=rows.device))
+        keep = important_tokens(scores, counts, self.tau, recent, self.ratio)
         self.ratios[idx] = keep.numel() / n
         return keep
 
-    def _attention(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   mask: Any, fallback: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    def _attention(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: Any,
+        fallback: Any,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, Any]:
         """Sparse prefill: attention among the important tokens only; the others get a zero output."""
         keep = self.plans.get(module.layer_idx)
         n = query.shape[2]
@@ -190,7 +224,7 @@ class ZipVL(KVAccelerator):
             return torch.isin(ctx.entry_positions(keys), keep.to(keys.device))
         high = torch.ones(b, h, s, dtype=torch.bool, device=keys.device)
         buf = self._buf.get(ctx.layer_idx) or []
-        if not buf or self.tau >= 1:
+        if not buf or (self.tau >= 1 and self.ratio is None) or self.ratio == 1:
             return high
         hidden = torch.cat([x for x, _ in buf], dim=1)[:, -self.every :]
         cos = torch.cat([p[0] for _, p in buf], dim=1)[:, -self.every :]
@@ -203,7 +237,7 @@ class ZipVL(KVAccelerator):
         k_pos = torch.full((allk.shape[-2],), -1, dtype=torch.long, device=keys.device)  # older entries: seen by all
         k_pos[-n:] = q_pos
         scores = probe_attention(q, allk, q_pos, k_pos).sum(dim=(0, 1))[-n:]
-        keep = important_tokens(scores, visible_counts(q_pos, k_pos[-n:]), self.tau)
+        keep = important_tokens(scores, visible_counts(q_pos, k_pos[-n:]), self.tau, ratio=self.ratio)
         new = torch.zeros(n, dtype=torch.bool, device=keys.device)
         new[keep] = True
         high[:, :, s - n :] = new

@@ -9,6 +9,14 @@ keep positions right after entries are dropped:
 * ``get_mask_sizes()`` reports the *stored* length plus the query, with the stored entries placed just
   before the query, so every stored entry stays visible and the causal order inside a chunk is kept.
 
+Stored entries may be *evicted* (dropped, per head if a policy keeps different entries per head: same count per
+head keeps the tensor shape), *merged* (a kept entry replaced by a combination of itself and evicted ones), or
+*quantized*: a ``role = "quantize"`` policy moves full-precision entries into :class:`KVSegment` s (packed
+2/4/8-bit codes, channel-wise keys, token-wise values), which are dequantized on every read. The layer then holds
+``segments`` (oldest first) plus a full-precision tail (``keys`` / ``values``: entries not quantized yet, e.g. the
+tokens decoded since the last re-compression). :meth:`CompressedLayer.nbytes` counts the bytes really held: codes,
+scales, zero-points, masks and the full-precision tail.
+
 Batch size 1 is the supported case for eviction (with left padding, evicted rows would shift the padding mask).
 """
 
@@ -19,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from mmfast.kernels.kv_quant import QTensor, dequantize, meta_dtype, quantize
 
 if TYPE_CHECKING:  # pragma: no cover
     from mmfast.accel.base import KVAccelerator
@@ -36,10 +46,115 @@ class KVContext:
     prompt_len: int = 0  # length of the prompt (first update)
     spans: list[Span] = field(default_factory=list)  # visual-token spans in the prompt
     shared: dict[str, Any] = field(default_factory=dict)  # per-request scratch space shared by all layers
+    #: (B, kv_heads, S_all, D): every entry this update's attention reads (dequantized segments, tail, new tokens)
+    keys_all: torch.Tensor | None = None
+    #: (B, kv_heads, S) original positions of the entries handed to the current policy, or None when they are
+    #: contiguous (the newest S positions). A policy that drops or reorders entries sets it for the next one.
+    positions: torch.Tensor | None = None
+
+    def entry_positions(self, keys: torch.Tensor) -> torch.Tensor:
+        """(B, kv_heads, S) original positions of ``keys`` (the entries handed to the current policy)."""
+        if self.positions is not None:
+            return self.positions
+        b, h, s = keys.shape[:3]
+        return torch.arange(self.seen - s, self.seen, device=keys.device).expand(b, h, s)
+
+
+class KVSegment:
+    """Entries stored outside the full-precision tail; :meth:`dequantize` rebuilds them on every read."""
+
+    length: int
+
+    def dequantize(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def nbytes(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class MixedPrecisionKV(KVSegment):
+    """Keys / values (B, kv_heads, S, D) stored at ``bits[0]`` where ``high`` is True and ``bits[1]`` elsewhere.
+
+    Keys: channel-wise asymmetric quantization (one range per (head, channel) over that precision's entries).
+    Values: ZipCache's channel-separable token-wise scheme: divide by ``c = sqrt(max_t |v|)`` per (head, channel)
+    to flatten outlier channels, quantize token-wise, multiply back on read. ``16`` bits keeps entries as they are.
+
+    Layout: when every head has the same number of ``high`` entries (one token set per layer, as ZipVL's), the
+    entries are regrouped into a dense high block followed by a dense low block (attention does not depend on the
+    order of cached entries: all are visible and carry their RoPE), so reading is two dequantizations and a concat.
+    Otherwise (after a per-head eviction) each precision keeps its rows flat and the mask ``high`` is stored
+    (1 byte per entry) to scatter them back.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, high: torch.Tensor, bits: tuple[int, int]):
+        self.shape = tuple(keys.shape)
+        self.length = keys.shape[-2]
+        high = high.expand(keys.shape[:3]).to(torch.bool)
+        counts = high.sum(dim=-1)
+        self.high: torch.Tensor | None = None
+        self.vscale: torch.Tensor | None = None
+        self.parts: list[tuple[int, torch.Tensor | None, Any, Any]] = []  # (bits, row mask or None if dense, k, v)
+        if bool((counts == counts.flatten()[0]).all()):
+            n_high = int(counts.flatten()[0])
+            if 0 < n_high < self.length:  # regroup: high entries first, each group in its original order
+                order = torch.argsort((~high).to(torch.int8), dim=-1, stable=True)[..., None].expand(keys.shape)
+                keys, values = keys.gather(2, order), values.gather(2, order)
+            blocks = [(bits[0], 0, n_high), (bits[1], n_high, self.length)]
+            for b, lo, hi in blocks:
+                if hi > lo:
+                    self._add(b, None, keys[:, :, lo:hi], values[:, :, lo:hi], values)
+        else:
+            self.high = high.contiguous()
+            for b, mask in ((bits[0], high), (bits[1], ~high)):
+                self._add(b, mask, keys, values, values)
+
+    def _add(
+        self, bits: int, sel: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor, all_values: torch.Tensor
+    ) -> None:
+        if bits >= 16:
+            k = keys if sel is None else keys[sel]
+            v = values if sel is None else values[sel]
+            self.parts.append((bits, sel, k.contiguous(), v.contiguous()))
+            return
+        if self.vscale is None:
+            c = all_values.float().abs().amax(dim=-2, keepdim=True).sqrt_().clamp_min_(1e-4)
+            self.vscale = c.to(meta_dtype(values.dtype))
+        k = quantize(keys, bits, "channel", sel)
+        v = quantize(values.float() / self.vscale.float(), bits, "token", sel, meta=meta_dtype(values.dtype))
+        self.parts.append((bits, sel, k, v))
+
+    def dequantize(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.high is None:  # dense blocks
+            rows = [self._rows(part, dtype) for part in self.parts]
+            if len(rows) == 1:
+                return rows[0]
+            return torch.cat([k for k, _ in rows], dim=-2), torch.cat([v for _, v in rows], dim=-2)
+        keys = torch.empty(self.shape, dtype=dtype, device=self.high.device)
+        values = torch.empty_like(keys)
+        for part in self.parts:
+            keys[part[1]], values[part[1]] = self._rows(part, dtype)
+        return keys, values
+
+    def _rows(self, part: tuple[int, Any, Any, Any], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized keys / values of one precision: (B, kv_heads, S, D) if dense, else (M, D) rows of its mask."""
+        bits, sel, k, v = part
+        if bits >= 16:
+            return k.to(dtype), v.to(dtype)
+        vs = self.vscale.float()
+        if sel is not None:
+            vs = vs.expand(self.shape)[sel]
+        return dequantize(k, dtype, sel), (dequantize(v, torch.float32, sel) * vs).to(dtype)
+
+    def nbytes(self) -> int:
+        total = tensor_bytes(self.high) + tensor_bytes(self.vscale)
+        for _, _, k, v in self.parts:
+            total += k.nbytes() if isinstance(k, QTensor) else tensor_bytes(k)
+            total += v.nbytes() if isinstance(v, QTensor) else tensor_bytes(v)
+        return total
 
 
 class CompressedLayer(DynamicLayer):
-    """A dynamic cache layer whose stored entries can be evicted / merged by policies."""
+    """A dynamic cache layer whose stored entries can be evicted, merged or quantized by policies."""
 
     def __init__(self, layer_idx: int, policies: list[KVAccelerator], shared: dict[str, Any]):
         super().__init__()
@@ -48,6 +163,7 @@ class CompressedLayer(DynamicLayer):
         self.shared = shared
         self.cumulative_length = 0
         self.prompt_len = 0
+        self.segments: list[KVSegment] = []  # quantized entries (oldest first), before the full-precision tail
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
@@ -56,9 +172,13 @@ class CompressedLayer(DynamicLayer):
         self.cumulative_length += key_states.shape[-2]
         if first:
             self.prompt_len = key_states.shape[-2]
-        keys = torch.cat([self.keys, key_states], dim=-2)
-        values = torch.cat([self.values, value_states], dim=-2)
-        self.keys, self.values = keys, values
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        keys, values = self.keys, self.values
+        if self.segments:  # dequantize on read; attention order of entries does not matter (all are visible)
+            parts = [seg.dequantize(key_states.dtype) for seg in self.segments]
+            keys = torch.cat([*(k for k, _ in parts), keys], dim=-2)
+            values = torch.cat([*(v for _, v in parts), values], dim=-2)
         if self.policies:
             ctx = KVContext(
                 layer_idx=self.layer_idx,
@@ -68,10 +188,19 @@ class CompressedLayer(DynamicLayer):
                 prompt_len=self.prompt_len,
                 spans=self.shared.get("spans", []),
                 shared=self.shared,
+                keys_all=keys,
             )
             for policy in self.policies:
-                if policy.wants_update(ctx):
-                    self.keys, self.values = policy.compress(self.keys, self.values, ctx)
+                if not policy.wants_update(ctx):
+                    continue
+                if getattr(policy, "role", "evict") == "quantize":
+                    segments, self.keys, self.values = policy.quantize(self.keys, self.values, ctx)
+                    self.segments.extend(segments)
+                    continue
+                if self.segments:  # eviction acts on every stored entry: hand it the dequantized view
+                    self.keys, self.values, self.segments = keys, values, []
+                    ctx.positions = None
+                self.keys, self.values = policy.compress(self.keys, self.values, ctx)
         # This step attends over everything it had before compressing; compression affects later steps.
         return keys, values
 
@@ -83,9 +212,11 @@ class CompressedLayer(DynamicLayer):
         return stored + query_length, self.cumulative_length - stored
 
     def stored_length(self) -> int:
-        if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
+        """Entries held: quantized segments plus the full-precision tail."""
+        if not self.is_initialized or self.keys is None:
             return 0
-        return self.keys.shape[-2]
+        tail = self.keys.shape[-2] if self.keys.dim() == 4 else 0  # before the first update: a 1-D empty tensor
+        return sum(seg.length for seg in self.segments) + tail
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("A compressed KV cache cannot be cropped (entries were evicted).")
@@ -94,18 +225,22 @@ class CompressedLayer(DynamicLayer):
         super().reset()
         self.cumulative_length = 0
         self.prompt_len = 0
+        self.segments = []
 
     def nbytes(self) -> int:
+        """Bytes really held: the full-precision tail plus every segment's codes, scales, zero-points and masks."""
         if not self.is_initialized or self.keys is None:
             return 0
-        return tensor_bytes(self.keys) + tensor_bytes(self.values)
+        return tensor_bytes(self.keys) + tensor_bytes(self.values) + sum(seg.nbytes() for seg in self.segments)
 
 
 class CompressedCache(DynamicCache):
-    """``DynamicCache`` made of :class:`CompressedLayer` s sharing one list of policies."""
+    """``DynamicCache`` made of :class:`CompressedLayer` s sharing one list of policies (evictions run before
+    quantizations, whatever order the methods were attached in)."""
 
     def __init__(self, num_layers: int, policies: list[KVAccelerator], shared: dict[str, Any] | None = None):
         self.shared: dict[str, Any] = shared if shared is not None else {}
+        policies = sorted(policies, key=lambda p: getattr(p, "role", "evict") == "quantize")
         Cache.__init__(self, layers=[CompressedLayer(i, policies, self.shared) for i in range(num_layers)])
 
 
@@ -129,6 +264,8 @@ def kv_bytes(cache: Any) -> int:
 def stored_tokens(cache: Any) -> int:
     """Entries stored in the first layer (what the cache holds, not what it has seen)."""
     layers = getattr(cache, "layers", [])
+    if layers and hasattr(layers[0], "stored_length"):
+        return int(layers[0].stored_length())
     if not layers or getattr(layers[0], "keys", None) is None or layers[0].keys.numel() == 0:
         return 0
     return int(layers[0].keys.shape[-2])

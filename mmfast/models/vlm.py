@@ -288,6 +288,18 @@ class VLMAdapter:
         """Visual tokens of every image, then every video, of a single prompt (batch size 1)."""
         raise NotImplementedError
 
+    def encode(self, inputs: BatchFeature) -> list[VisualTokens]:
+        """:meth:`visual_tokens`, unless an attached vision method encodes itself: a method with an
+        ``encode(adapter, inputs)`` hook (merging inside the ViT, its own projector) may return the items, or
+        None to leave the default path (its ``reduce`` still runs afterwards)."""
+        for method in self.vision_methods:
+            hook = getattr(method, "encode", None)
+            if hook is not None:
+                items = hook(self, inputs)
+                if items is not None:
+                    return items
+        return self.visual_tokens(inputs)
+
     # ---- prompt rebuilding -----------------------------------------------------------------------
     def original_position_ids(self, inputs: BatchFeature) -> torch.Tensor | None:
         """Position ids ``generate`` would use for the full prompt, or None when they are just 0..L-1."""
@@ -373,7 +385,7 @@ class VLMAdapter:
     def generate(self, inputs: BatchFeature, **gen_kwargs: Any) -> GenerationResult:
         """Answer one preprocessed prompt with the attached methods; greedy unless ``do_sample=True``."""
         t0 = time.perf_counter()
-        items = self.visual_tokens(inputs)
+        items = self.encode(inputs)
         n_in = sum(it.n_original for it in items)
         for method in self.vision_methods:
             items = [method.reduce(it) for it in items]

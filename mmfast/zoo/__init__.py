@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent
 #: zoo name → (sub-directory, what it is)
 MODELS: dict[str, tuple[str, str]] = {
     "tiny-vlm": ("tiny_vlm", "LLaVA-OneVision-format image + video QA / captioning model trained on mmfast's synthetic scenes"),
+    "tiny-vlm-flex": ("tiny_vlm_flex", "tiny-vlm fine-tuned with a TokenFLEX projector (tokenflex(keep=...) picks the count)"),
     "tiny-ar": ("tiny_ar", "LlamaGen-architecture class-conditional digit generator + VQ tokenizer, trained on sklearn digits"),
 }
 

@@ -1,0 +1,122 @@
+"""Held-out accuracy of a VLM pipeline on mmfast's synthetic image and video questions (tiny-vlm's yardstick).
+
+Everything goes through the real pipeline path (``pipe(image=..., question=...)`` / ``pipe(video=...)``: chat
+template, processor, the pipeline's accelerators, greedy ``generate``), so the numbers are what a user of
+``mmfast.pipeline(...)`` gets, with or without an ``accelerate=`` method. Answers are exact matches after
+``.strip()``. Samples come from :mod:`mmfast.zoo.data` (held-out photos and seeds, objects off the patch grid).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from mmfast.errors import ConfigError
+from mmfast.pipelines.base import VLMPipeline
+from mmfast.pipelines.image_qa import ImageQAPipeline
+from mmfast.pipelines.video_qa import VideoQAPipeline
+from mmfast.zoo import data as D
+
+__all__ = ["evaluate_vlm", "format_report"]
+
+
+def _pipes(pipe: VLMPipeline) -> tuple[ImageQAPipeline, VideoQAPipeline | None]:
+    """An image-qa and a video-qa pipeline sharing ``pipe``'s model, processor and accelerators."""
+    img = pipe if type(pipe) is ImageQAPipeline else ImageQAPipeline(pipe.adapter, pipe.accelerate, pipe.model_name)
+    if type(pipe) is VideoQAPipeline:
+        vid: VideoQAPipeline | None = pipe
+    elif pipe.adapter.supports_video:
+        vid = VideoQAPipeline(pipe.adapter, pipe.accelerate, pipe.model_name)
+    else:
+        vid = None
+    return img, vid
+
+
+def _score(hits: dict[str, list[bool]]) -> dict[str, float]:
+    out = {t: sum(v) / len(v) for t, v in sorted(hits.items())}
+    allv = [x for v in hits.values() for x in v]
+    out["overall"] = sum(allv) / len(allv) if allv else float("nan")
+    return out
+
+
+def evaluate_vlm(
+    pipe: VLMPipeline,
+    split: str = "heldout",
+    n_images: int = 1000,
+    n_clips: int = 500,
+    seed: int = 0,
+    num_frames: int = 16,
+    max_new_tokens: int = 4,
+    progress: bool = True,
+    qtypes: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Exact-match accuracy per question type on ``n_images`` images and ``n_clips`` clips of ``(split, seed)``.
+
+    Args:
+        pipe: an ``image-qa`` / ``video-qa`` / ``image-caption`` pipeline; the other modality is evaluated with a
+            pipeline sharing its model and accelerators (videos are skipped for image-only models).
+        split, seed: the data stream (:func:`mmfast.zoo.data.image_dataset`); ``"heldout"`` for reported numbers.
+        num_frames: frames per clip (8-32), all passed to the model (the pipeline samples ``num_frames`` of them).
+        max_new_tokens: answers are one or two words + end of turn.
+        qtypes: restrict to these question types (default: all).
+
+    Returns:
+        ``{"image": {qtype: acc, ..., "overall": acc}, "video": {...}, "majority": {"image": {...}, "video":
+        {...}}, "n": {"image": questions, "video": questions}, "seconds": wall time}``; a modality with no
+        samples is left out.
+    """
+    if n_images < 0 or n_clips < 0:
+        raise ConfigError(f"n_images and n_clips must be >= 0, got {n_images}, {n_clips}")
+    img_pipe, vid_pipe = _pipes(pipe)
+    t0 = time.perf_counter()
+    res: dict[str, Any] = {"majority": {}, "n": {}}
+    gen = {"max_new_tokens": max_new_tokens}
+
+    def keep(qa: D.QA) -> bool:
+        return qtypes is None or qa.qtype in qtypes
+
+    if n_images:
+        hits: dict[str, list[bool]] = {}
+        qas: list[D.QA] = []
+        for i in tqdm(range(n_images), desc="image-qa eval", disable=not progress):
+            s = D.image_sample(split, seed, i)
+            for qa in filter(keep, s.questions):
+                out = img_pipe(image=s.image, question=qa.question, **gen)
+                hits.setdefault(qa.qtype, []).append(out["answer"].strip() == qa.answer)
+                qas.append(qa)
+        res["image"] = _score(hits)
+        res["majority"]["image"] = D.majority_baseline(qas)
+        res["n"]["image"] = len(qas)
+    if n_clips and vid_pipe is not None:
+        hits = {}
+        qas = []
+        for i in tqdm(range(n_clips), desc="video-qa eval", disable=not progress):
+            c = D.clip_sample(split, seed, i, num_frames=num_frames)
+            for qa in filter(keep, c.questions):
+                out = vid_pipe(video=c.frames, question=qa.question, num_frames=num_frames, **gen)
+                hits.setdefault(qa.qtype, []).append(out["answer"].strip() == qa.answer)
+                qas.append(qa)
+        res["video"] = _score(hits)
+        res["majority"]["video"] = D.majority_baseline(qas)
+        res["n"]["video"] = len(qas)
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    return res
+
+
+def format_report(res: dict[str, Any], title: str = "") -> str:
+    """A plain-text table: accuracy and majority baseline per question type, for images and videos."""
+    lines = [title] if title else []
+    for mod in ("image", "video"):
+        if mod not in res:
+            continue
+        maj = res.get("majority", {}).get(mod, {})
+        n = res.get("n", {}).get(mod, "?")
+        lines.append(f"{mod} QA ({n} questions)")
+        lines.append(f"  {'type':10s} {'accuracy':>9s} {'majority':>9s}")
+        for qt, acc in res[mod].items():
+            m = maj.get(qt, float("nan"))
+            lines.append(f"  {qt:10s} {acc:9.3f} {m:9.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,172 @@
+"""tiny-vlm: the training fast path equals the real processor + model path, a smoke training run (with resume),
+and the shipped checkpoint loads through ``mmfast.pipeline`` and answers held-out questions."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mmfast
+from mmfast import zoo
+from mmfast.zoo import data as D
+from mmfast.zoo import tiny_vlm as T
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return T.build_model("tiny").eval(), T.build_processor()
+
+
+def _prompt(proc, question: str, kind: str) -> str:
+    msgs = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": question}]}]
+    return proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+
+
+def test_tokenizer_round_trip_and_template():
+    tok = T.build_tokenizer()
+    vocab = tok.get_vocab()
+    assert all(w in vocab for w in D.vocabulary())
+    assert [tok.convert_ids_to_tokens(i) for i in range(len(T.SPECIAL_TOKENS))] == list(T.SPECIAL_TOKENS)
+    assert tok.eos_token == T.IM_END and tok.image_token == T.IMAGE and tok.video_token == T.VIDEO
+    text = "large red star top left, small blue circle center"
+    assert tok.decode(tok(text)["input_ids"]) == text
+    assert tok("What COLOR is the star?")["input_ids"] == tok("what color is the star ?")["input_ids"]
+    assert tok("a zebra")["input_ids"][-1] == tok.unk_token_id
+
+
+def test_fast_image_path_equals_processor_and_model(tiny):
+    model, proc = tiny
+    builder = T.SequenceBuilder(proc.tokenizer)
+    s = D.image_sample("heldout", 0, 3)
+    q = s.questions[0].question
+    inputs = proc(text=[_prompt(proc, q, "image")], images=[Image.fromarray(s.image)], return_tensors="pt")
+    ids, groups = builder.encode([(q, None)], "image", T.IMAGE_TOKENS)
+    assert ids == inputs["input_ids"][0].tolist() and not any(groups)
+    pix = T.pixel_values(s.image[None])
+    assert inputs["pixel_values"].shape == (1, 2, 3, 96, 96)
+    assert torch.equal(pix[0], inputs["pixel_values"][0, 0]) and torch.equal(pix[0], inputs["pixel_values"][0, 1])
+    with torch.no_grad():
+        ref = model.model.get_image_features(
+            pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
+            batch_num_images=inputs["batch_num_images"]).pooler_output[0]
+        mine = T.image_features(model, pix)[0]
+        assert mine.shape == (T.IMAGE_TOKENS, model.config.text_config.hidden_size)
+        torch.testing.assert_close(mine, ref, rtol=0, atol=1e-6)
+        logits = model(**inputs).logits
+        emb = T._embed(model, torch.tensor([ids]), T.image_features(model, pix), model.config.image_token_index)
+        torch.testing.assert_close(model.lm_head(T._lm_hidden(model, emb)), logits, rtol=1e-5, atol=1e-5)
+
+
+def test_fast_video_path_equals_processor_and_model(tiny):
+    model, proc = tiny
+    builder = T.SequenceBuilder(proc.tokenizer)
+    c = D.clip_sample("heldout", 0, 1)
+    q = c.questions[0].question
+    inputs = proc(text=[_prompt(proc, q, "video")], videos=[c.frames], do_sample_frames=False, return_tensors="pt")
+    ids, _ = builder.encode([(q, None)], "video", T.VIDEO_TOKENS)
+    assert ids == inputs["input_ids"][0].tolist()
+    pix = T.pixel_values(c.frames[None])
+    assert torch.equal(pix, inputs["pixel_values_videos"])
+    with torch.no_grad():
+        ref = model.model.get_video_features(pixel_values_videos=inputs["pixel_values_videos"]).pooler_output
+        mine = T.video_features(model, pix)
+    assert mine.shape == (1, T.VIDEO_TOKENS, model.config.text_config.hidden_size)
+    torch.testing.assert_close(mine, ref, rtol=0, atol=1e-6)
+
+
+def test_multi_turn_sequence_matches_chat_template(tiny):
+    _, proc = tiny
+    builder = T.SequenceBuilder(proc.tokenizer)
+    s = D.image_sample("train", 0, 5, k=6)
+    turns = [(qa.question, qa.answer) for qa in s.questions] + [(T.CAPTION_PROMPT, s.description)]
+    msgs = []
+    for i, (q, a) in enumerate(turns):
+        content = ([{"type": "image"}] if i == 0 else []) + [{"type": "text", "text": q}]
+        msgs += [{"role": "user", "content": content}, {"role": "assistant", "content": [{"type": "text", "text": a}]}]
+    text = proc.apply_chat_template(msgs, tokenize=False)
+    ref = proc(text=[text], images=[Image.fromarray(s.image)], return_tensors="pt")["input_ids"][0].tolist()
+    ids, groups = builder.encode(turns, "image", T.IMAGE_TOKENS)
+    assert ids == ref
+    # supervised tokens: every answer and description token plus each closing <|im_end|>
+    tok = proc.tokenizer
+    n_sup = sum(len(tok(a, add_special_tokens=False)["input_ids"]) + 1 for _, a in turns)
+    assert sum(g > 0 for g in groups) == n_sup
+    assert sum(g == T.G_DESC for g in groups) == len(tok(s.description, add_special_tokens=False)["input_ids"]) + 1
+
+
+def test_tower_targets_consistent_with_patch_labels():
+    s = D.image_sample("train", 0, 2)
+    y = T.tower_targets(s.scene)
+    assert y["centre"].sum() == len(s.scene.objects)
+    obj = y["color"] > 0
+    assert np.all(y["shape"][obj] > 0) and np.all(np.abs(y["geom"][obj, 2:]) <= 1)
+    assert np.all(y["geom"][~obj] == 0)
+
+
+def _micro_recipe() -> T.Recipe:
+    return T.Recipe(size="tiny", tower_steps=3, tower_batch=4, image_steps=3, image_batch=2, curriculum_steps=1,
+                    joint_steps=2, joint_image_batch=1, joint_video_batch=1, warmup=1, eval_every=3, eval_images=2,
+                    eval_clips=1, qas_per_image=3, qas_per_clip=3)
+
+
+def test_smoke_training_writes_a_loadable_model(tmp_path):
+    out = T.train(work_dir=tmp_path / "work", recipe=_micro_recipe(), progress=False, log=lambda s: None)
+    log = [json.loads(x) for x in (tmp_path / "work" / "log.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in log} == set(T.STAGES)
+    assert any("eval" in r and "video" in r["eval"] for r in log)
+    assert all(np.isfinite(r["train"]["loss"]) for r in log if "train" in r)
+    pipe = mmfast.pipeline("image-qa", model=str(out))
+    s = D.image_sample("heldout", 0, 0)
+    assert isinstance(pipe(image=s.image, question=s.questions[0].question, max_new_tokens=3)["answer"], str)
+    with pytest.raises(mmfast.errors.MMFastError):  # refuses to overwrite a run without --resume
+        T.train(work_dir=tmp_path / "work", recipe=_micro_recipe(), progress=False, log=lambda s: None)
+
+
+def test_checkpoint_resume_restores_model_and_optimizer(tmp_path):
+    r = _micro_recipe()
+    tr = T._Trainer(r, tmp_path, log=lambda s: None, progress=False)
+    tr.stage_i = T.STAGES.index("image")
+    tr._new_optimizer()
+    for _ in range(2):
+        tr._train_step()
+        tr.step += 1
+    tr.save()
+    back = T._Trainer(r, tmp_path, log=lambda s: None, progress=False)
+    assert back.load() and (back.stage, back.step) == ("image", 2)
+    for (k, a), b in zip(tr.model.state_dict().items(), back.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    pa = [p for g in tr.opt.param_groups for p in g["params"]]
+    pb = [p for g in back.opt.param_groups for p in g["params"]]
+    assert len(pa) == len(pb)
+    for x, y in zip(pa, pb):
+        for key in tr.opt.state[x]:
+            assert torch.equal(tr.opt.state[x][key], back.opt.state[y][key])
+    # the next step is the same in both (deterministic data stream indexed by step)
+    assert tr._train_step()["loss"] == pytest.approx(back._train_step()["loss"], rel=1e-4)
+
+
+shipped = pytest.mark.skipif(not zoo.available().get("tiny-vlm"), reason="tiny-vlm checkpoint not trained yet")
+
+
+@shipped
+def test_shipped_checkpoint_is_small_and_answers_heldout_questions():
+    path = zoo.zoo_path("tiny-vlm")
+    assert sum(f.stat().st_size for f in path.iterdir()) <= 20 * 2**20
+    pipe = mmfast.pipeline("image-qa")  # no model argument: the embedded default, offline
+    hits = []
+    for i in range(8):
+        s = D.image_sample("heldout", 0, i)
+        for qa in s.questions:
+            hits.append(pipe(image=s.image, question=qa.question, max_new_tokens=4)["answer"] == qa.answer)
+    assert np.mean(hits) >= 0.7, hits
+    vid = mmfast.pipeline("video-qa")
+    c = D.clip_sample("heldout", 0, 0)
+    out = vid(video=c.frames, question=c.questions[0].question, max_new_tokens=4)
+    assert out["stats"]["frames"] == T.NUM_FRAMES and out["stats"]["visual_tokens_in"] == T.VIDEO_TOKENS
+    cap = mmfast.pipeline("image-caption")(image=D.image_sample("heldout", 0, 0).image, max_new_tokens=48)
+    assert cap["caption"].split()[0] in D.SIZES
