@@ -209,6 +209,7 @@ def zoo_eval(
     accelerate: str | None = AccelOpt,
     model: str | None = typer.Option(None, "--model", "-m", help="evaluate this checkpoint directory instead"),
     json_path: Path | None = typer.Option(None, "--json", help="also write the results as JSON here"),
+    control: str | None = typer.Option(None, help="sanity control: blank or shuffled images (expect ~majority)"),
 ) -> None:
     """Held-out accuracy per question type (images and videos) through the real pipeline, with the majority
     baseline beside it. tiny-ar: class consistency and Fréchet distance to held-out digits (seed = sampling seed)."""
@@ -224,12 +225,18 @@ def zoo_eval(
             json_path.parent.mkdir(parents=True, exist_ok=True)
             json_path.write_text(json.dumps({k: v for k, v in res.items() if k != "images"}, indent=2))
         return
+    import torch
+
+    from mmfast.zoo.tiny_vlm import auto_threads
+
+    torch.set_num_threads(auto_threads())  # one thread when the machine is already busy: far faster then
     n = 1000 if n is None else n
     pipe = mmfast.pipeline("image-qa", model=model or name, accelerate=accelerate)
     clips = n // 2 if n_clips is None else n_clips
-    res = evaluate_vlm(pipe, split=split, n_images=n, n_clips=clips, seed=seed)
+    res = evaluate_vlm(pipe, split=split, n_images=n, n_clips=clips, seed=seed, control=control)
     res["model"], res["accelerate"], res["split"], res["seed"] = model or name, pipe.accelerate.spec(), split, seed
-    typer.echo(format_report(res, title=f"{model or name} [{pipe.accelerate.spec()}] on {split} (seed {seed}), "
+    ctl = f", control={control}" if control else ""
+    typer.echo(format_report(res, title=f"{model or name} [{pipe.accelerate.spec()}] on {split} (seed {seed}{ctl}), "
                                         f"{res['seconds']:.0f} s"))
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,9 +9,10 @@ template, processor, the pipeline's accelerators, greedy ``generate``), so the n
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from mmfast.errors import ConfigError
@@ -35,6 +36,14 @@ def _pipes(pipe: VLMPipeline) -> tuple[ImageQAPipeline, VideoQAPipeline | None]:
     return img, vid
 
 
+def _control(control: str | None, pixels: np.ndarray, other: Callable[[], np.ndarray]) -> np.ndarray:
+    if control == "blank":
+        return np.full_like(pixels, 128)
+    if control == "shuffled":
+        return other()
+    return pixels
+
+
 def _score(hits: dict[str, list[bool]]) -> dict[str, float]:
     out = {t: sum(v) / len(v) for t, v in sorted(hits.items())}
     allv = [x for v in hits.values() for x in v]
@@ -52,6 +61,7 @@ def evaluate_vlm(
     max_new_tokens: int = 4,
     progress: bool = True,
     qtypes: Sequence[str] | None = None,
+    control: str | None = None,
 ) -> dict[str, Any]:
     """Exact-match accuracy per question type on ``n_images`` images and ``n_clips`` clips of ``(split, seed)``.
 
@@ -62,6 +72,9 @@ def evaluate_vlm(
         num_frames: frames per clip (8-32), all passed to the model (the pipeline samples ``num_frames`` of them).
         max_new_tokens: answers are one or two words + end of turn.
         qtypes: restrict to these question types (default: all).
+        control: a sanity control that hides the right image: ``"blank"`` (mid-grey images / clips) or
+            ``"shuffled"`` (each question is asked about the next sample's image / clip). A model that reads the
+            image then falls to about the majority baseline.
 
     Returns:
         ``{"image": {qtype: acc, ..., "overall": acc}, "video": {...}, "majority": {"image": {...}, "video":
@@ -70,6 +83,8 @@ def evaluate_vlm(
     """
     if n_images < 0 or n_clips < 0:
         raise ConfigError(f"n_images and n_clips must be >= 0, got {n_images}, {n_clips}")
+    if control not in (None, "blank", "shuffled"):
+        raise ConfigError(f"control must be None, 'blank' or 'shuffled', got {control!r}")
     img_pipe, vid_pipe = _pipes(pipe)
     t0 = time.perf_counter()
     res: dict[str, Any] = {"majority": {}, "n": {}}
@@ -83,8 +98,9 @@ def evaluate_vlm(
         qas: list[D.QA] = []
         for i in tqdm(range(n_images), desc="image-qa eval", disable=not progress):
             s = D.image_sample(split, seed, i)
+            image = _control(control, s.image, lambda i=i: D.image_sample(split, seed, i + 1).image)
             for qa in filter(keep, s.questions):
-                out = img_pipe(image=s.image, question=qa.question, **gen)
+                out = img_pipe(image=image, question=qa.question, **gen)
                 hits.setdefault(qa.qtype, []).append(out["answer"].strip() == qa.answer)
                 qas.append(qa)
         res["image"] = _score(hits)
@@ -95,8 +111,10 @@ def evaluate_vlm(
         qas = []
         for i in tqdm(range(n_clips), desc="video-qa eval", disable=not progress):
             c = D.clip_sample(split, seed, i, num_frames=num_frames)
+            frames = _control(control, c.frames,
+                              lambda i=i: D.clip_sample(split, seed, i + 1, num_frames=num_frames).frames)
             for qa in filter(keep, c.questions):
-                out = vid_pipe(video=c.frames, question=qa.question, num_frames=num_frames, **gen)
+                out = vid_pipe(video=frames, question=qa.question, num_frames=num_frames, **gen)
                 hits.setdefault(qa.qtype, []).append(out["answer"].strip() == qa.answer)
                 qas.append(qa)
         res["video"] = _score(hits)

@@ -202,7 +202,9 @@ def build_config(size: ModelSize | str = "default") -> LlavaOnevisionConfig:
         num_attention_heads=size.text_heads,
         num_key_value_heads=size.text_kv_heads,
         max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        # Qwen2's own theta: half of each head's rotary frequencies turn < 0.3 rad over a 300-token image, so
+        # attention can match content regardless of where an object sits in the sequence
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
         tie_word_embeddings=False,
         bos_token_id=ids[IM_START],
         eos_token_id=ids[IM_END],
@@ -500,22 +502,22 @@ class Recipe:
     size: str = "default"
     seed: int = 0
     # stage 1: tower alone, dense per-patch targets
-    tower_steps: int = 2500
+    tower_steps: int = 2000
     tower_batch: int = 64
     tower_lr: float = 2e-3
     # stage 2: images; tower frozen
     image_steps: int = 2000
     image_batch: int = 16
-    curriculum_steps: int = 300  # first steps of stage 2 use 1-3 objects per image
+    curriculum_steps: int = 300  # first steps of stage 2 use 2-3 objects per image (always a choice to make)
     qas_per_image: int = 16
     desc_first: float = 0.2  # fraction of sequences that are only the description turn (as captioning asks)
     # stage 3: images + 16-frame clips
-    joint_steps: int = 2000
+    joint_steps: int = 2500
     joint_image_batch: int = 8
     joint_video_batch: int = 4
     qas_per_clip: int = 12
     # optimisation (stages 2-3)
-    lm_lr: float = 2e-3
+    lm_lr: float = 1e-3
     projector_lr: float = 3e-3
     projector_from_head: bool = True  # see _Trainer._projector_from_head
     tower_finetune_lr: float = 0.0  # > 0: fine-tune the tower on images in stage 3 at this LR
@@ -883,7 +885,7 @@ class _Trainer:
                 tower_grad = st == "joint" and r.tower_finetune_lr > 0
                 n_img = r.image_batch if st == "image" else r.joint_image_batch
                 if n_img:
-                    n_obj = range(1, 4) if st == "image" and step < r.curriculum_steps else None
+                    n_obj = range(2, 4) if st == "image" and step < r.curriculum_steps else None
                     images, seqs = self._image_seqs(self._image_offset() + step * n_img, n_img, n_obj)
                     ids, grp = _collate(seqs, self.builder.pad)
                     feats = image_features(model, pixel_values(images), tower_grad=tower_grad)
@@ -900,7 +902,10 @@ class _Trainer:
         loss.backward()
         params = [p for g in self.opt.param_groups for p in g["params"]]
         stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, r.clip_norm))
-        f = _lr_factor(step, r.steps(st), r.warmup)
+        if st == "tower":
+            f = _lr_factor(step, r.tower_steps, r.warmup)
+        else:  # one schedule over stages 2 + 3: re-warming for stage 3 undid image skills (0.78 -> 0.67)
+            f = _lr_factor(step + (r.image_steps if st == "joint" else 0), r.image_steps + r.joint_steps, r.warmup)
         for g in self.opt.param_groups:
             g["lr"] = g["base_lr"] * f
         self.opt.step()
@@ -908,39 +913,70 @@ class _Trainer:
         stats["loss"] = float(loss.detach())
         return stats
 
-    def _projector_from_head(self, n_calib: int = 32, word_gain: float = 10.0, rest_gain: float = 0.1) -> None:
-        """Start the projector from the tower-stage read-out, so visual tokens begin as "bags of words".
+    def _projector_from_head(self, n_calib: int = 32, word_gain: float = 10.0, rest_gain: float = 0.1,
+                             match_gain: float = 2.0, match_layers: int = 2) -> None:
+        """Structured start of stage 2: visual tokens begin as "bags of visual words", and one attention head in
+        each of the first ``match_layers`` layers begins as a matcher from question words to those visual words.
 
-        ``linear_1``: its first units compute the per-patch class logits of the tower head (scaled to unit std),
-        so after the GELU they are near one-hot colour / shape / size / region units. ``linear_2``: each class
-        unit writes the language model's embedding of its word ("red", "star", "large", "top" + "left", ...), so
-        a patch of a large red star enters the LM close to emb(large) + emb(red) + emb(star) + emb(region). Reading
-        an object then starts as matching a question word against the same word in the image (what attention
-        learns fastest) instead of discovering the meaning of a random projection. Everything stays trainable;
-        the other units keep their random init.
+        * ``linear_1``: its first units compute the tower head's per-patch class logits (scaled to unit std), so
+          after the GELU they are near one-hot colour / shape / size / region / centre units.
+        * ``linear_2``: each class unit writes ``M @ emb(word)`` ("red", "star", "large", "top" + "left", ...), with
+          ``M`` a fixed random rotation, so a patch of a large red star enters the language model close to
+          ``M (emb(large) + emb(red) + emb(star) + emb(region))``; the other units are scaled down.
+        * query head 0 / key-value head 0 of the first layers: ``W_q = g R`` and ``W_k = g R M^T`` on the slow
+          (near position-free) rotary dimensions, with ``R`` a random orthonormal projection. A question word
+          then attends to the patches that show it (``q . k ~ emb(w) . emb(w)``), but not to itself or other
+          text (``M`` scrambles text keys). Finding the few relevant tokens among 300 is what a from-scratch
+          language model learned slowest; this head does it from step 0.
+
+        Everything stays trainable; this only sets where training starts.
         """
         import torch
 
         w, b = self.head.linear.weight.detach(), self.head.linear.bias.detach()  # (C, Hv), (C,)
         n_cls = sum(TOWER_CLASSES.values())
         pix, _ = _tower_batch("train", self.r.seed + 1, 0, n_calib)
-        proj = self.model.model.multi_modal_projector
-        emb = self.model.get_input_embeddings().weight.detach()
+        model = self.model
+        proj = model.model.multi_modal_projector
+        emb = model.get_input_embeddings().weight.detach()
+        hidden = emb.shape[1]
+        gen = torch.Generator().manual_seed(self.r.seed + 11)
+        rot = torch.linalg.qr(torch.randn(hidden, hidden, generator=gen))[0]  # M
         vocab = self.builder.vocab
         names = {"color": ("",) + D.COLOR_NAMES, "shape": ("",) + D.SHAPES, "size": ("",) + D.SIZES,
-                 "region": ("",) + D.REGIONS, "centre": ("", "")}
+                 "region": ("",) + D.REGIONS, "centre": ("", "object")}  # one "object" per object: counting
         words = [n for k in TOWER_CLASSES for n in names[k]]
         with torch.no_grad():
-            feats = _tower(self.model, pix, grad=False)
+            feats = _tower(model, pix, grad=False)
             scale = 1.0 / (feats @ w[:n_cls].T + b[:n_cls]).std().clamp(min=1e-6)
             proj.linear_1.weight[:n_cls] = w[:n_cls] * scale
             proj.linear_1.bias[:n_cls] = b[:n_cls] * scale
-            # word part ~1x the norm of the rest at init (measured: 0.1 vs 2.8 with unit gains)
             proj.linear_2.weight[:, n_cls:] *= rest_gain
             proj.linear_2.weight[:, :n_cls] = 0.0
             for j, phrase in enumerate(words):
                 for word in phrase.split():
-                    proj.linear_2.weight[:, j] += word_gain * emb[vocab[word]] / 3.0
+                    proj.linear_2.weight[:, j] += word_gain * (rot @ emb[vocab[word]]) / 3.0
+            # object position: units GELU(+-2x), GELU(+-2y) of the head's (x, y) regression write "right" / "left" /
+            # "bottom" / "top", so left-right relations between two objects are a difference along one direction
+            gx, gy = n_cls + 2, n_cls + 3  # head outputs: dx, dy, x, y
+            for j, (row, sign, word) in enumerate([(gx, 1, "right"), (gx, -1, "left"), (gy, 1, "bottom"),
+                                                   (gy, -1, "top")]):
+                unit = n_cls + j
+                proj.linear_1.weight[unit] = 2.0 * sign * w[row]
+                proj.linear_1.bias[unit] = 2.0 * sign * b[row]
+                proj.linear_2.weight[:, unit] = word_gain * (rot @ emb[vocab[word]]) / 3.0
+            tc = model.config.text_config
+            hd = tc.hidden_size // tc.num_attention_heads
+            slow = [*range(hd // 4, hd // 2), *range(3 * hd // 4, hd)]  # low-frequency rotary pairs
+            for layer in model.model.language_model.layers[:match_layers]:
+                att = layer.self_attn
+                r_proj = torch.linalg.qr(torch.randn(hidden, len(slow), generator=gen))[0].T  # (|slow|, hidden)
+                att.q_proj.weight[:hd] = 0.0
+                att.q_proj.bias[:hd] = 0.0
+                att.k_proj.weight[:hd] = 0.0
+                att.k_proj.bias[:hd] = 0.0
+                att.q_proj.weight[slow] = match_gain * r_proj
+                att.k_proj.weight[slow] = match_gain * r_proj @ rot.T
 
     def _image_offset(self) -> int:
         """Joint-stage images continue the image stream of stage 2 instead of repeating it."""
