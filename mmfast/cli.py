@@ -190,8 +190,15 @@ def zoo_train(
         from mmfast.zoo.tiny_vlm_flex import train
     elif name == "tiny-ar":
         from mmfast.zoo.tiny_ar import train
+    elif name == "tiny-ar-drafter":  # the EAGLE-style draft head of the installed tiny-ar (a few minutes)
+        from mmfast.zoo.tiny_ar_drafter import train_drafter
+
+        report = train_drafter(out_dir=out, steps=steps or 1500)
+        typer.echo(f"tiny-ar drafter: {report}")
+        return
     else:
-        raise UnsupportedModelError(f"`mmfast zoo train` knows tiny-vlm, tiny-vlm-flex and tiny-ar, not {name!r}.")
+        raise UnsupportedModelError(
+            f"`mmfast zoo train` knows tiny-vlm, tiny-vlm-flex, tiny-ar and tiny-ar-drafter, not {name!r}.")
 
     smoke = quick or steps is not None
     work = work_dir if work_dir is not None else Path("mmfast-train") / name
