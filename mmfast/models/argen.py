@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from PIL import Image
 
-from mmfast.errors import ConfigError, InvalidInputError
+from mmfast.errors import ConfigError, InvalidInputError, UnsupportedModelError
 
 
 @dataclass
@@ -171,7 +172,34 @@ class ARGenAdapter:
         """Validate user conditions (labels or prompts) into a list; adapters override for their vocabulary."""
         if conditions is None:
             raise InvalidInputError(f"{self.family}: pass {'labels' if self.conditioning == 'class' else 'prompt'}.")
-        return list(conditions) if isinstance(conditions, (list, tuple)) else [conditions]
+        out = list(conditions) if isinstance(conditions, (list, tuple)) else [conditions]
+        if self.conditioning == "text" and (not out or not all(isinstance(p, str) for p in out)):
+            raise InvalidInputError(f"{self.family}: prompt must be a string or a non-empty list of strings.")
+        return out
+
+
+def load_hf_generator(path_or_id: str | Path, model_type: str, model_cls: str, dtype: torch.dtype | str | None,
+                      device: Any) -> tuple[Any, Any]:
+    """Model + processor of an HF text-to-image checkpoint through transformers' ``from_pretrained``
+    (``dtype`` defaults to float32); a missing / wrong-type checkpoint raises ``UnsupportedModelError``."""
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
+
+    name = str(path_or_id)
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError, KeyError) as e:
+        raise UnsupportedModelError(f"Could not load {name!r}: {e}") from e
+    if config.model_type != model_type:
+        raise UnsupportedModelError(
+            f"{name!r} is a {config.model_type!r} model; this adapter needs a {model_type!r} checkpoint."
+        )
+    try:
+        model = getattr(transformers, model_cls).from_pretrained(name, dtype=dtype or torch.float32)
+        processor = AutoProcessor.from_pretrained(name)
+    except (OSError, ValueError, KeyError) as e:
+        raise UnsupportedModelError(f"Could not load {name!r}: {e}") from e
+    return (model.to(device) if device is not None else model), processor
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

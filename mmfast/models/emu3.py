@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from mmfast.errors import InvalidInputError, UnsupportedModelError
-from mmfast.models.argen import ARGenAdapter, Sampling, to_pil
+from mmfast.models.argen import ARGenAdapter, Sampling, load_hf_generator, to_pil
 from mmfast.models.janus import CachedLMSession, hf_sampling_kwargs
 
 #: The negative prompt of Emu3's official image-generation example.
@@ -151,34 +151,12 @@ class Emu3Adapter(ARGenAdapter):
         cls, path_or_id: str | Path, dtype: torch.dtype | str | None = None, device: Any = None, **kwargs: Any
     ) -> Emu3Adapter:
         """Load model + processor through transformers' ``from_pretrained`` (``dtype`` defaults to float32)."""
-        from transformers import AutoConfig, AutoProcessor, Emu3ForConditionalGeneration
-
-        try:
-            config = AutoConfig.from_pretrained(str(path_or_id))
-        except (OSError, ValueError, KeyError) as e:
-            raise UnsupportedModelError(f"Could not load {str(path_or_id)!r}: {e}") from e
-        if config.model_type != "emu3":
-            raise UnsupportedModelError(
-                f"{str(path_or_id)!r} is a {config.model_type!r} model; Emu3Adapter needs an 'emu3' checkpoint."
-            )
-        try:
-            model = Emu3ForConditionalGeneration.from_pretrained(str(path_or_id), dtype=dtype or torch.float32)
-            processor = AutoProcessor.from_pretrained(str(path_or_id))
-        except (OSError, ValueError, KeyError) as e:
-            raise UnsupportedModelError(f"Could not load {str(path_or_id)!r}: {e}") from e
-        if device is not None:
-            model = model.to(device)
+        model, processor = load_hf_generator(path_or_id, "emu3", "Emu3ForConditionalGeneration", dtype, device)
         return cls(model, processor, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------
     # conditioning
     # ------------------------------------------------------------------------------------------------------
-
-    def parse_conditions(self, conditions: Any) -> list[str]:
-        prompts = super().parse_conditions(conditions)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise InvalidInputError("Emu3: prompt must be a string or a non-empty list of strings.")
-        return prompts
 
     def encode_prompts(self, prompts: list[str]) -> Any:
         """``processor(text=..., return_for_image_generation=True)`` at this adapter's grid → ``input_ids`` /

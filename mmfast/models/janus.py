@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from mmfast.errors import ConfigError, InvalidInputError, UnsupportedModelError
-from mmfast.models.argen import ARGenAdapter, ARGenSession, Sampling, to_pil
+from mmfast.models.argen import ARGenAdapter, ARGenSession, Sampling, load_hf_generator, to_pil
 
 
 def hf_sampling_kwargs(sampling: Sampling) -> dict[str, Any]:
@@ -234,34 +234,12 @@ class JanusAdapter(ARGenAdapter):
         cls, path_or_id: str | Path, dtype: torch.dtype | str | None = None, device: Any = None, **kwargs: Any
     ) -> JanusAdapter:
         """Load model + processor through transformers' ``from_pretrained`` (``dtype`` defaults to float32)."""
-        from transformers import AutoConfig, AutoProcessor, JanusForConditionalGeneration
-
-        try:
-            config = AutoConfig.from_pretrained(str(path_or_id))
-        except (OSError, ValueError, KeyError) as e:
-            raise UnsupportedModelError(f"Could not load {str(path_or_id)!r}: {e}") from e
-        if config.model_type != "janus":
-            raise UnsupportedModelError(
-                f"{str(path_or_id)!r} is a {config.model_type!r} model; JanusAdapter needs a 'janus' checkpoint."
-            )
-        try:
-            model = JanusForConditionalGeneration.from_pretrained(str(path_or_id), dtype=dtype or torch.float32)
-            processor = AutoProcessor.from_pretrained(str(path_or_id))
-        except (OSError, ValueError, KeyError) as e:
-            raise UnsupportedModelError(f"Could not load {str(path_or_id)!r}: {e}") from e
-        if device is not None:
-            model = model.to(device)
+        model, processor = load_hf_generator(path_or_id, "janus", "JanusForConditionalGeneration", dtype, device)
         return cls(model, processor, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------
     # conditioning
     # ------------------------------------------------------------------------------------------------------
-
-    def parse_conditions(self, conditions: Any) -> list[str]:
-        prompts = super().parse_conditions(conditions)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise InvalidInputError("Janus: prompt must be a string or a non-empty list of strings.")
-        return prompts
 
     def format_prompt(self, prompt: str) -> str:
         """The text the processor receives (chat template applied if enabled and available)."""
