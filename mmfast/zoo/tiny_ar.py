@@ -80,7 +80,7 @@ class TinyARRecipe:
     n_head: int = 6
     dropout: float = 0.1  # token / residual / FFN dropout (the official default)
     class_dropout_prob: float = 0.1
-    gpt_steps: int = 5000
+    gpt_steps: int = 3500
     gpt_batch: int = 64
     gpt_lr: float = 1e-3
     gpt_warmup: int = 300
