@@ -712,6 +712,22 @@ def _stage_index(name: str) -> int:
     return STAGES.index(name) if name in STAGES else len(STAGES)
 
 
+def save_checkpoint(final: Path, tensors: dict[str, dict[str, Any]], state: dict[str, Any]) -> None:
+    """Atomic checkpoint directory: ``NAME.safetensors`` per entry of ``tensors`` + ``state.json``, written into
+    a fresh directory and then swapped in, so a run killed mid-write keeps its previous checkpoint."""
+    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, tensor_dict in tensors.items():
+        _save_tensors(tmp / f"{name}.safetensors", tensor_dict)
+    (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 class _Trainer:
     """Runs the stages of a :class:`Recipe` with checkpoints in ``work_dir`` (resumable at any point)."""
 
@@ -748,24 +764,12 @@ class _Trainer:
         self.opt = torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.98))
 
     def save(self) -> None:
-        """Atomic checkpoint: write everything into a fresh directory, then swap it in."""
-        tmp = self.dir / "ckpt.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        _save_tensors(tmp / "model.safetensors", self.model.state_dict())
-        _save_tensors(tmp / "tower_head.safetensors", self.head.linear.state_dict())
+        tensors = {"model": self.model.state_dict(), "tower_head": self.head.linear.state_dict()}
         if self.opt is not None:
-            _save_tensors(tmp / "optim.safetensors", _optim_tensors(self.opt))
+            tensors["optim"] = _optim_tensors(self.opt)
         state = {"stage": self.stage, "step": self.step, "elapsed": self.elapsed, "cpu_elapsed": self.cpu_elapsed,
                  "stage_time": self.stage_time, "recipe": asdict(self.r)}
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        final = self.dir / "ckpt"
-        old = self.dir / "ckpt.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        save_checkpoint(self.dir / "ckpt", tensors, state)
 
     def load(self) -> bool:
         """Restore the last checkpoint of ``work_dir``; False if there is none."""

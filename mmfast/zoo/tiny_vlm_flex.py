@@ -23,8 +23,6 @@ state), ``log.jsonl`` (losses; teacher-forced held-out exact match at several co
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -196,20 +194,10 @@ class _FlexTrainer:
 
     # ---- checkpoint --------------------------------------------------------------------------------------------
     def save(self) -> None:
-        tmp, final, old = self.dir / "ckpt.tmp", self.dir / "ckpt", self.dir / "ckpt.old"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        T._save_tensors(tmp / "model.safetensors", self.model.state_dict())
-        T._save_tensors(tmp / "flex.safetensors", self.flex.state_dict())
-        T._save_tensors(tmp / "optim.safetensors", T._optim_tensors(self.opt))
         state = {"step": self.step, "elapsed": self.elapsed, "cpu_elapsed": self.cpu_elapsed, "recipe": asdict(self.r),
                  "rng": self.rng.bit_generator.state}
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        T.save_checkpoint(self.dir / "ckpt", {"model": self.model.state_dict(), "flex": self.flex.state_dict(),
+                                              "optim": T._optim_tensors(self.opt)}, state)
 
     def load(self) -> bool:
         ck = self.dir / "ckpt"
