@@ -1,0 +1,95 @@
+"""Check the benchmark results in ``eval/results/`` against the project's targets (speed and quality goals
+are benchmarks, not timed tests: this script reports them, it does not gate CI).
+
+    python eval/targets.py            # every target whose results file exists
+    python eval/targets.py --strict   # exit 1 if a target is missed
+
+Each target names a results file (written by ``mmfast bench SUITE --json``), the rows it applies to and a
+condition on a row (``base`` is the baseline row of the same input / model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+Row = dict[str, Any]
+
+
+@dataclass
+class Target:
+    issue: int
+    file: str  # results JSON name
+    rows: str  # regex on the row's method
+    what: str
+    check: Callable[[Row, Row], bool]
+    value: Callable[[Row, Row], float]
+    input: str | None = None  # only rows with this "input"
+
+
+def _ratio(r: Row, _b: Row) -> float:
+    return r["speedup"] / r["ideal_speedup"]
+
+
+TARGETS = [
+    Target(2, "vlm-speed-vision.json", r"^pool\(factor=2\)$", "prefill speed-up / ideal", lambda r, b: True, _ratio),
+    Target(5, "vlm-speed-vision.json", r"^(turbo|tokenflex)\(keep=0\.25\)$", "prefill speed-up >= 0.8 x ideal at 25%",
+           lambda r, b: _ratio(r, b) >= 0.8, _ratio),
+    Target(5, "vlm-quality.json", r"^(turbo|tokenflex)\(keep=0\.25\)$", "accuracy retained >= 0.95 at 25% (goal)",
+           lambda r, b: r["accuracy_retained"] >= 0.95, lambda r, b: r["accuracy_retained"]),
+    Target(3, "vlm-quality.json", r"^random\(keep=0\.25\)$", "random 25% loses >= 10 points (tasks need detail)",
+           lambda r, b: b["accuracy"] - r["accuracy"] >= 0.10, lambda r, b: b["accuracy"] - r["accuracy"]),
+    Target(7, "vlm-quality.json", r"^lookm\(budget=0\.2", "LOOK-M 20%: within 2 points of baseline",
+           lambda r, b: b["accuracy"] - r["accuracy"] <= 0.02, lambda r, b: b["accuracy"] - r["accuracy"]),
+    Target(7, "vlm-quality.json", r"^lookm\(budget=0\.2", "LOOK-M 20%: kv_bytes <= 0.25 x baseline",
+           lambda r, b: r["kv_bytes"] <= 0.25 * b["kv_bytes"], lambda r, b: r["kv_bytes"] / b["kv_bytes"]),
+    Target(6, "ar-quality.json", r"^sjd", "SJD step compression >= 2.0",
+           lambda r, b: r["step_compression"] >= 2.0, lambda r, b: r["step_compression"]),
+    Target(6, "ar-quality.json", r"^(sjd|gsd|lantern|eagle_sd)", "wall-clock speed-up >= 0.7 x step compression",
+           lambda r, b: r["speedup"] >= 0.7 * r["step_compression"], lambda r, b: r["speedup"] / r["step_compression"]),
+]
+
+
+def _baseline(rows: list[Row], row: Row) -> Row | None:
+    for b in rows:
+        if b["method"] == "baseline" and b.get("input") == row.get("input") and b.get("model", "") == row.get(
+            "model", b.get("model", "")
+        ):
+            return b
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--strict", action="store_true", help="exit 1 if any target is missed")
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    a = ap.parse_args(argv)
+    missed = 0
+    for t in TARGETS:
+        path = a.results / t.file
+        if not path.is_file():
+            print(f"#{t.issue} {t.what}: no {t.file} yet")
+            continue
+        rows = json.loads(path.read_text())["rows"]
+        for r in rows:
+            if not re.search(t.rows, r["method"]) or (t.input and r.get("input") != t.input):
+                continue
+            b = _baseline(rows, r)
+            if b is None:
+                continue
+            ok = t.check(r, b)
+            missed += not ok
+            where = f"[{r['input']}] " if r.get("input") else ""
+            print(f"#{t.issue} {'PASS' if ok else 'MISS'} {t.what}: {where}{r['method']} = {t.value(r, b):.3f}")
+    return 1 if a.strict and missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
