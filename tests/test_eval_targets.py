@@ -2,10 +2,12 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 spec = importlib.util.spec_from_file_location("targets", Path(__file__).parents[1] / "eval" / "targets.py")
 targets = importlib.util.module_from_spec(spec)
+sys.modules["targets"] = targets  # dataclasses look their module up
 spec.loader.exec_module(targets)
 
 
