@@ -130,6 +130,7 @@ class ARGenAdapter:
     family: ClassVar[str] = ""
     #: "class" (labels) or "text" (prompts)
     conditioning: ClassVar[str] = "class"
+    string_prompts: ClassVar[bool] = False  # prompts must be strings (tokenized by the adapter's processor)
 
     grid: tuple[int, int]  # (rows, cols) of the image token grid, raster order
     codebook_size: int
@@ -173,7 +174,7 @@ class ARGenAdapter:
         if conditions is None:
             raise InvalidInputError(f"{self.family}: pass {'labels' if self.conditioning == 'class' else 'prompt'}.")
         out = list(conditions) if isinstance(conditions, (list, tuple)) else [conditions]
-        if self.conditioning == "text" and (not out or not all(isinstance(p, str) for p in out)):
+        if self.string_prompts and (not out or not all(isinstance(p, str) for p in out)):
             raise InvalidInputError(f"{self.family}: prompt must be a string or a non-empty list of strings.")
         return out
 

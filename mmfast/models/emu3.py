@@ -109,6 +109,7 @@ class Emu3Adapter(ARGenAdapter):
 
     family = "emu3"
     conditioning = "text"
+    string_prompts = True
 
     def __init__(
         self,

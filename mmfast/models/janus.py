@@ -194,6 +194,7 @@ class JanusAdapter(ARGenAdapter):
 
     family = "janus"
     conditioning = "text"
+    string_prompts = True
 
     def __init__(self, model: Any, processor: Any, use_chat_template: bool = True) -> None:
         super().__init__()
