@@ -18,11 +18,11 @@ def _rows(sjd_compression: float, sjd_speedup: float) -> dict:
 
 
 def test_pass_and_miss(tmp_path, capsys):
-    (tmp_path / "ar-quality.json").write_text(json.dumps(_rows(2.2, 2.0)))
+    (tmp_path / "ar-quality-jacobi.json").write_text(json.dumps(_rows(2.2, 2.0)))
     assert targets.main(["--results", str(tmp_path), "--strict"]) == 0
     out = capsys.readouterr().out
     assert "PASS SJD step compression >= 2.0: sjd() = 2.200" in out
-    (tmp_path / "ar-quality.json").write_text(json.dumps(_rows(1.8, 1.0)))
+    (tmp_path / "ar-quality-jacobi.json").write_text(json.dumps(_rows(1.8, 1.0)))
     assert targets.main(["--results", str(tmp_path), "--strict"]) == 1
     out = capsys.readouterr().out
     assert "MISS SJD step compression" in out and "MISS wall-clock" in out
