@@ -122,6 +122,8 @@ class BenchResult:
 def _fmt(v: Any) -> str:
     if v is None:
         return ""
+    if isinstance(v, dict):  # e.g. accuracy per question type
+        return ", ".join(f"{k} {_fmt(x)}" for k, x in v.items())
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
     return str(v)

@@ -25,8 +25,11 @@ from mmfast.bench import row, suite
 
 @suite("ar-quality", "tiny-ar: class consistency, Fréchet distance, steps, step compression, speed-up per decoder")
 def ar_quality(
-    methods: list[str], repeats: int, samples: int = 200, batch: int = 1, model: str = "tiny-ar", seed: int = 0, **_: Any
+    methods: list[str], repeats: int, samples: int = 200, batch: int = 1, model: str = "tiny-ar", seed: int = 0,
+    top_k: int | None = None, guidance_scale: float | None = None, temperature: float | None = None, **_: Any
 ) -> list[dict[str, Any]]:
+    """``top_k`` / ``guidance_scale`` / ``temperature`` override the model's recommended sampling for every row
+    (baseline included); e.g. ``--opt top_k=64`` is LlamaGen's top-k 2000 of 16384 codes scaled to tiny-ar's 512."""
     import mmfast
     from mmfast.metrics import class_consistency_ci, digit_frechet, frechet_floor, token_tv_test
 
@@ -37,13 +40,15 @@ def ar_quality(
     for p in pipes.values():
         p.set_progress_bar_config(disable=True)
     labels = [i % 10 for i in range(samples)]
+    sampling = {k: v for k, v in (("top_k", top_k), ("guidance_scale", guidance_scale), ("temperature", temperature))
+                if v is not None}
     results: dict[str, dict[str, Any]] = {s: {"tokens": [], "images": [], "steps": 0, "wall": 0.0, "extra": []} for s in specs}
     for _ in range(repeats):  # repeats only re-time (same seeds → same samples for lossless methods)
         for start in range(0, samples, batch):
             chunk = labels[start : start + batch]
             for spec in specs:
                 t0 = time.perf_counter()
-                out = pipes[spec](labels=chunk, seed=seed + start, progress=False)
+                out = pipes[spec](labels=chunk, seed=seed + start, progress=False, **sampling)
                 r = results[spec]
                 r["wall"] += time.perf_counter() - t0 - out.stats.get("decode_image_ms", 0) / 1e3
                 if _ == 0:
@@ -85,10 +90,89 @@ def ar_quality(
                 token_tv_p=None if tv is None else tv.p_value,
                 samples=samples,
                 batch=batch,
+                **({"sampling": sampling} if sampling else {}),
                 **extra,
             )
         )
     base_acc = rows[0]["accuracy"]
     for r in rows:
         r["accuracy_retained"] = r["accuracy"] / base_acc if base_acc else None
+    return rows
+
+
+#: ``ar-speed`` rows when no --accelerate is given
+AR_SPEED_METHODS: tuple[str, ...] = ("sjd()", "gsd()", "lantern()")
+
+
+def _compressions(path: str) -> dict[str, float]:
+    """method spec -> step_compression of an ``ar-quality`` results file ({} if there is none)."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        return {}
+    return {r["method"]: r["step_compression"] for r in json.loads(p.read_text())["rows"] if r.get("step_compression")}
+
+
+@suite("ar-speed", "per-step cost of each decoder on a random LlamaGen GPT-B (256 tokens, 16384 codes), "
+                   "projected wall speed-up at tiny-ar's measured step compression")
+def ar_speed(
+    methods: list[str], repeats: int, preset: str = "GPT-B", images: int = 2, seed: int = 0,
+    compression_from: str = "eval/results/ar-quality-jacobi.json", **_: Any
+) -> list[dict[str, Any]]:
+    """Why: tiny-ar (2.9M parameters, 64 tokens) is compute-bound on a CPU, so verifying a 16-token window costs
+    ~3x a one-token step and the wall speed-up trails the step compression. A real AR generator (LlamaGen GPT-B,
+    111M parameters) is memory-bound at one token per step: the weights are read once per forward whatever the
+    window. Random weights are fine for timing but not for acceptance (a near-uniform p accepts almost any
+    draft), so each row reports the measured ``ms_per_step`` and ``step_cost`` (÷ the baseline's) and the
+    ``projected_speedup`` = tiny-ar's measured ``step_compression`` (from ``compression_from``) / ``step_cost``.
+    ``steps`` / ``speedup`` on the random model are listed as measured, not as a quality claim.
+    """
+    import mmfast.accel as A
+    from mmfast.models.llamagen import LlamaGen, LlamaGenAdapter, LlamaGenConfig
+    from mmfast.models.vq import VQConfig, VQModel
+    from mmfast.pipelines.image_gen import ImageGenPipeline
+
+    methods = list(methods) or list(AR_SPEED_METHODS)
+    specs = ["baseline", *methods]
+    torch.manual_seed(seed)
+    if preset == "tiny":  # smoke tests
+        cfg = LlamaGenConfig(dim=32, n_layer=1, n_head=4, multiple_of=16, vocab_size=16384, num_classes=10, block_size=16)
+    else:
+        cfg = LlamaGenConfig.from_preset(preset, vocab_size=16384, num_classes=1000, block_size=256)
+    vq = VQModel(VQConfig(codebook_size=16384, codebook_embed_dim=8, encoder_ch_mult=[1, 2], decoder_ch_mult=[1, 2],
+                          z_channels=8, ch=8, num_res_blocks=1, norm_groups=4, codebook_show_usage=False))
+    adapter = LlamaGenAdapter(LlamaGen(cfg), vq, recommended={"guidance_scale": 4.0, "top_k": 0, "temperature": 1.0})
+    pipes = {s: ImageGenPipeline(adapter, A.resolve(None if s == "baseline" else s)) for s in specs}
+    params = sum(p.numel() for p in adapter.gpt.parameters())
+    wall = {s: 0.0 for s in specs}
+    steps = {s: 0 for s in specs}
+    for s in specs:  # warm-up: first-call allocations and per-model tables (LANTERN's latent neighbours)
+        pipes[s](labels=[0], seed=seed, output_type="tokens", progress=False)
+    for rep in range(repeats):
+        for i in range(images):  # interleaved image by image
+            for s in specs:
+                t0 = time.perf_counter()
+                out = pipes[s](labels=[i], seed=seed + i, output_type="tokens", progress=False)
+                wall[s] += time.perf_counter() - t0
+                steps[s] += out.stats["steps"]
+    comp = _compressions(compression_from)
+    base_ms = wall["baseline"] / steps["baseline"] * 1e3
+    rows = []
+    for s in specs:
+        ms = wall[s] / steps[s] * 1e3
+        cost = ms / base_ms
+        c = 1.0 if s == "baseline" else comp.get(s)
+        rows.append(row(
+            s,
+            steps=steps[s] / (images * repeats),
+            step_compression=cfg.block_size * images * repeats / steps[s],
+            speedup=wall["baseline"] / wall[s],
+            ms_per_step=round(ms, 2),
+            step_cost=round(cost, 3),
+            tiny_ar_step_compression=c,
+            projected_speedup=None if c is None else round(c / cost, 3),
+            model=f"random {preset} ({params / 1e6:.1f}M), {cfg.block_size} tokens",
+        ))
     return rows

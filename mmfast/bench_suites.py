@@ -11,7 +11,8 @@
   a trained model's ratio with ``zipvl(ratio=r)``.
 * ``vlm-quality`` / ``video-quality``: held-out exact-match accuracy of the zoo's tiny-vlm on synthetic image /
   16-frame video QA (:func:`mmfast.zoo.evaluate.evaluate_vlm`, the real pipeline path) per method, with
-  ``accuracy_retained`` against the tiny-vlm baseline. ``tokenflex`` rows run on tiny-vlm-flex, the checkpoint
+  ``accuracy_retained`` against the tiny-vlm baseline, accuracy per question type (``per_type``) and
+  ``kv_ratio_bf16`` (KV bytes held after the prompt / those of the baseline stored in bf16). ``tokenflex`` rows run on tiny-vlm-flex, the checkpoint
   trained for it (its own full-count row is listed, and ``retained_vs_own_baseline`` is relative to it).
 
 With no ``--accelerate``, the vision suites run :data:`VISION_METHODS`.
@@ -181,6 +182,10 @@ def _quality(modality: str, methods: list[str], n: int, seed: int = 0) -> list[d
         if acc_spec is None:
             own[model] = acc
         st = pipe(question=sample.questions[0].question if sample.questions else "what is this?", **media)["stats"]
+        if acc_spec is None and model == "tiny-vlm":
+            # the KV a bf16 deployment of the baseline holds: same entries, 2 bytes each
+            elem = next(p.adapter.model.parameters()).element_size()
+            base_kv_bf16 = st["kv_bytes"] / elem * 2
         rows.append(row(
             "baseline" if acc_spec is None else spec,
             input=modality,
@@ -190,7 +195,9 @@ def _quality(modality: str, methods: list[str], n: int, seed: int = 0) -> list[d
             retained_vs_own_baseline=acc / own[model] if own.get(model) else None,
             visual_tokens=st["visual_tokens_kept"],
             kv_bytes=st["kv_bytes"],
+            kv_ratio_bf16=round(st["kv_bytes"] / base_kv_bf16, 4),
             questions=res["n"][modality],
+            per_type={k: round(v, 4) for k, v in res[modality].items() if k != "overall"},
         ))
     return rows
 

@@ -118,6 +118,14 @@ def test_quantize_error_within_half_step(bits, axis, dtype):
         assert qt.codes.numel() == rows * math.ceil(16 * bits / 8)
 
 
+def test_metadata_is_float16_unless_out_of_range():
+    x = torch.randn(2, 8, 16)
+    assert quantize(x, 2, "token").scale.dtype == torch.float16
+    big = quantize(x * 1e5, 4, "channel")
+    assert big.scale.dtype == torch.float32
+    assert (dequantize(big, torch.float32) - x * 1e5).abs().max() <= big.scale.float().max() / 2 * 1.001
+
+
 def test_mixed_precision_segment():
     g = torch.Generator().manual_seed(0)
     keys, values = torch.randn(1, 2, 30, 16, generator=g), torch.randn(1, 2, 30, 16, generator=g)
@@ -132,10 +140,11 @@ def test_mixed_precision_segment():
     k4, v4 = seg42.dequantize(torch.float32)
     err_hi, err_lo = (k4 - keys).abs()[high].mean(), (k4 - keys).abs()[~high].mean()
     assert err_hi < err_lo < 1.0
-    # bytes: packed codes + scales / mins + value channel scales + the per-entry mask
+    # bytes: packed codes + float16 scales / mins (keys: per channel of each block; values: per row) + the value
+    # channel scales + the per-entry mask
     n_hi, n_lo = int(high.sum()), int((~high).sum())
     codes = (n_hi * 8 + n_lo * 4) * 2
-    meta = 2 * (2 * 2 * 16 * 4) + 2 * (n_hi + n_lo) * 4 + 2 * 16 * 4 + high.numel()
+    meta = 2 * (2 * 2 * 16 * 2) + 2 * (n_hi + n_lo) * 2 + 2 * 16 * 2 + high.numel()
     assert seg42.nbytes() == codes + meta < keys.numel() * 8 / 4
 
 

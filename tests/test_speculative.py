@@ -209,3 +209,42 @@ def test_spec_validation():
     for bad in ["sjd(window=1)", "sjd(init='diagonal')", "lantern(delta=2)", "lantern(lam=0.5)", "gsd(rank_window=0)"]:
         with pytest.raises(ConfigError):
             A.resolve(bad)
+
+
+def test_lantern_default_k_scales_with_the_codebook():
+    from mmfast.accel.lantern import default_k
+
+    assert default_k(16384) == 1000 and default_k(512) == 31 and default_k(16) == 1
+    toy = ToyARAdapter(vocab=16, grid=(4, 4), seed=0)
+    assert A.resolve("lantern()").accelerators[0].neighbour_count(toy) == 1
+    assert A.resolve("lantern(k=7)").accelerators[0].neighbour_count(toy) == 7
+
+
+def test_ar_speed_suite_reports_step_cost_and_projection(tmp_path):
+    import json
+
+    from mmfast.bench_ar import ar_speed
+
+    res = tmp_path / "q.json"
+    res.write_text(json.dumps({"rows": [{"method": "sjd(window=4)", "step_compression": 1.5}]}))
+    rows = ar_speed(["sjd(window=4)", "gsd(window=4)"], repeats=1, preset="tiny", images=1, compression_from=str(res))
+    base, sjd, gsd = rows
+    assert base["step_cost"] == 1.0 and base["projected_speedup"] == 1.0 and base["steps"] == 16  # one forward per token (the first with the prefill)
+    assert sjd["steps"] < 16 and sjd["projected_speedup"] == round(1.5 / sjd["step_cost"], 3)
+    assert gsd["projected_speedup"] is None  # no tiny-ar compression for it in the file
+
+
+def test_gsd_group_equals_the_full_vocabulary_definition():
+    """The windowed group equals the definition evaluated over every token (rank window, p gap, distance)."""
+    g = torch.Generator().manual_seed(3)
+    p = torch.softmax(torch.randn(2, 5, 300, generator=g) * 3, -1)
+    x = torch.randint(0, 300, (2, 5), generator=g)
+    emb = torch.randn(300, 8, generator=g) * 0.3
+    rule = GSDRule(rank_window=7, prob_threshold=0.01, emb_threshold=1.0)
+    got = rule.group(p, x, emb)
+    order = p.argsort(-1, descending=True)
+    rank = order.argsort(-1)
+    rx = rank.gather(-1, x[..., None])
+    ref = ((rank >= rx - 7) & (rank < rx + 7) & ((p - p.gather(-1, x[..., None])).abs() < 0.01)
+           & ((emb[None, None] - emb[x][..., None, :]).square().sum(-1) < 1.0)).scatter(-1, x[..., None], True)
+    assert torch.equal(got, ref) and 1 < int(got.sum(-1).max()) < 14

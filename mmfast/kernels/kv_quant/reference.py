@@ -7,8 +7,9 @@
 Codes are ``round((x - min) / scale)`` in ``[0, 2^bits - 1]`` with ``scale = (max - min) / (2^bits - 1)``, so the
 reconstruction error of every element is at most ``scale / 2`` (plus the rounding of the stored scale / min).
 ``8 / bits`` codes share a byte, packed along the last dim (``D`` is padded to a multiple of ``8 / bits``).
-Scales and mins are stored in float32 for float32 inputs and float16 otherwise (bf16's 8-bit mantissa is too
-coarse for a zero-point at 8 bits).
+Scales and mins are stored in float16 whatever the input dtype (as KIVI / ZipVL store them): bf16's 8-bit mantissa
+is too coarse for a zero-point at 8 bits, and float32 metadata would cost a 32-channel token group of 2-bit values
+as much again as its codes. Groups whose range does not fit float16 fall back to float32 metadata.
 """
 
 from __future__ import annotations
@@ -42,8 +43,12 @@ class QTensor:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
 
 
+_FP16_MAX = 6.0e4  # below float16's 65504, so a min rounded down / a scale rounded up stay finite
+
+
 def meta_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype == torch.float32 else torch.float16
+    """Dtype of stored scales / mins: float16 (``dtype`` is accepted for call-site symmetry)."""
+    return torch.float16
 
 
 def _round(x: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
@@ -108,6 +113,8 @@ def quantize(
             lo = xf.amin(dim=-2, keepdim=True)
             hi = xf.amax(dim=-2, keepdim=True)
     md = meta or meta_dtype(x.dtype)
+    if md == torch.float16 and bool((lo.abs() > _FP16_MAX).any() or (hi.abs() > _FP16_MAX).any()):
+        md = torch.float32  # out of float16's range: keep the error bound rather than the bytes
     # min rounded down and scale rounded up in the stored dtype: every code then lies in [0, levels] before
     # rounding, so the reconstruction error is at most scale / 2 for the stored scale
     lo = _round(lo, md, up=False)
