@@ -267,12 +267,15 @@ def test_tiny_vlm_flex_training_features_match_the_accelerator(tmp_path):
     m = ad.model
     with torch.no_grad():
         for keep in (0.5, 0.25, 0.125):
-            frac = side_fraction(keep, None, T.GRID)
+            frac = side_fraction(keep, None, T.VIEW_GRID)
             item = flex_items(ad, flex, ad.preprocess(Q, images=[Image.fromarray(s.image)]), frac)[0]
-            n = round(T.GRID * frac)
-            fast = TF.flex_image_features(m, flex, T._tower(m, T.pixel_values(s.image[None]), False), [n])[0]
+            n = round(T.VIEW_GRID * frac)
+            pix = T.image_pixels(s.image[None])
+            tower = T._tower(m, pix.flatten(0, 1), False).view(1, T.N_VIEWS, T.VIEW_GRID ** 2, -1)
+            fast = TF.flex_image_features(m, flex, tower, [n])[0]
             assert len(item) == TF.image_tokens(n) and torch.allclose(item.features, fast, atol=1e-6)
             item = flex_items(ad, flex, ad.preprocess(Q, video=c.frames), frac)[0]
-            nv = round(TF.VIDEO_SIDE * frac)
-            fast = TF.flex_video_features(m, flex, T._tower(m, T.pixel_values(c.frames), False), T.NUM_FRAMES, [nv])[0]
+            nv = max(1, round(TF.VIDEO_SIDE * frac))
+            fast = TF.flex_video_features(m, flex, T._tower(m, T.video_pixels(c.frames[None])[0], False),
+                                          T.NUM_FRAMES, [nv])[0]
             assert len(item) == TF.video_tokens(nv) and torch.allclose(item.features, fast, atol=1e-6)

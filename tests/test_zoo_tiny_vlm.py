@@ -47,9 +47,13 @@ def test_fast_image_path_equals_processor_and_model(tiny):
     inputs = proc(text=[_prompt(proc, q, "image")], images=[Image.fromarray(s.image)], return_tensors="pt")
     ids, groups = builder.encode([(q, None)], "image", T.IMAGE_TOKENS)
     assert ids == inputs["input_ids"][0].tolist() and not any(groups)
-    pix = T.pixel_values(s.image[None])
-    assert inputs["pixel_values"].shape == (1, 2, 3, 96, 96)
-    assert torch.equal(pix[0], inputs["pixel_values"][0, 0]) and torch.equal(pix[0], inputs["pixel_values"][0, 1])
+    pix = T.image_pixels(s.image[None])
+    assert T.IMAGE_TOKENS == 192 and inputs["pixel_values"].shape == (1, 5, 3, 48, 48)
+    assert torch.equal(pix, inputs["pixel_values"])
+    # the tiles are the image's four quadrants at full resolution (not a second copy of the base view)
+    full = (torch.from_numpy(s.image).float().permute(2, 0, 1) - 127.5) / 127.5
+    torch.testing.assert_close(pix[0, 2], full[:, :48, 48:], rtol=0, atol=1e-6)
+    torch.testing.assert_close(pix[0, 3], full[:, 48:, :48], rtol=0, atol=1e-6)
     with torch.no_grad():
         ref = model.model.get_image_features(
             pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
@@ -70,13 +74,28 @@ def test_fast_video_path_equals_processor_and_model(tiny):
     inputs = proc(text=[_prompt(proc, q, "video")], videos=[c.frames], do_sample_frames=False, return_tensors="pt")
     ids, _ = builder.encode([(q, None)], "video", T.VIDEO_TOKENS)
     assert ids == inputs["input_ids"][0].tolist()
-    pix = T.pixel_values(c.frames[None])
-    assert torch.equal(pix, inputs["pixel_values_videos"])
+    pix = T.video_pixels(c.frames[None])
+    assert T.VIDEO_TOKENS == 145 and torch.equal(pix, inputs["pixel_values_videos"])
     with torch.no_grad():
         ref = model.model.get_video_features(pixel_values_videos=inputs["pixel_values_videos"]).pooler_output
         mine = T.video_features(model, pix)
     assert mine.shape == (1, T.VIDEO_TOKENS, model.config.text_config.hidden_size)
     torch.testing.assert_close(mine, ref, rtol=0, atol=1e-6)
+
+
+def test_tower_targets_follow_the_crops():
+    scene = D.make_scene(D.sample_rng("image", "heldout", 0, 4), "heldout", n_objects=4)
+    t = T.tower_targets(scene)
+    assert t["color"].shape == (T.N_VIEWS, 36) and t["geom"].shape == (T.N_VIEWS, 36, 4)
+    base, fine = D.patch_labels(scene, grid=6), D.patch_labels(scene, grid=12)
+    assert np.array_equal(t["shape"][0], base["shape"].ravel())
+    # tile 1 is the top-right quadrant: rows 0-5, columns 6-11 of the 8 px grid
+    assert np.array_equal(t["shape"][2], fine["shape"][:6, 6:].ravel())
+    assert np.array_equal(t["color"][4], fine["color"][6:, 6:].ravel())
+    # a tile does not know where it sits: region is ignored on its object cells, absolute position unweighted
+    obj = fine["object"][6:, :6].ravel() >= 0
+    assert (t["region"][3][obj] == -100).all() and (t["region"][3][~obj] == 0).all()
+    assert (t["geom_w"][1:, :, 2:] == 0).all() and (t["geom_w"][0, base["object"].ravel() >= 0] == 1).all()
 
 
 def test_multi_turn_sequence_matches_chat_template(tiny):
@@ -102,7 +121,8 @@ def test_multi_turn_sequence_matches_chat_template(tiny):
 def test_tower_targets_consistent_with_patch_labels():
     s = D.image_sample("train", 0, 2)
     y = T.tower_targets(s.scene)
-    assert y["centre"].sum() == len(s.scene.objects)
+    # each object's centre is in the base view once and in exactly one tile once
+    assert y["centre"][0].sum() == y["centre"][1:].sum() == len(s.scene.objects)
     obj = y["color"] > 0
     assert np.all(y["shape"][obj] > 0) and np.all(np.abs(y["geom"][obj, 2:]) <= 1)
     assert np.all(y["geom"][~obj] == 0)
@@ -170,3 +190,18 @@ def test_shipped_checkpoint_is_small_and_answers_heldout_questions():
     assert out["stats"]["frames"] == T.NUM_FRAMES and out["stats"]["visual_tokens_in"] == T.VIDEO_TOKENS
     cap = mmfast.pipeline("image-caption")(image=D.image_sample("heldout", 0, 0).image, max_new_tokens=48)
     assert cap["caption"].split()[0] in D.SIZES
+
+
+@pytest.mark.skipif(not zoo.available().get("tiny-vlm-flex"), reason="tiny-vlm-flex checkpoint not trained yet")
+def test_shipped_flex_checkpoint_answers_with_a_quarter_of_the_tokens():
+    from mmfast.zoo import tiny_vlm_flex as TF
+
+    pipe = mmfast.pipeline("image-qa", model="tiny-vlm-flex", accelerate="tokenflex(keep=0.25)")
+    hits = []
+    for i in range(10):
+        s = D.image_sample("heldout", 0, i)
+        for qa in s.questions:
+            out = pipe(image=s.image, question=qa.question, max_new_tokens=4)
+            hits.append(out["answer"] == qa.answer)
+    assert out["stats"]["visual_tokens_kept"] == TF.image_tokens(3) == 51  # 3 x 3 per crop, with the tile newlines
+    assert np.mean(hits) >= 0.45, hits  # always-majority scores ~0.28

@@ -4,10 +4,16 @@ It is the accuracy yardstick of every visual-token reduction and KV method, so i
 ``LlavaOnevisionForConditionalGeneration`` (SigLIP vision tower, 2-layer MLP projector, Qwen2 language model) with
 the real ``LlavaOnevisionProcessor`` and is loaded by ``from_pretrained`` like any hub checkpoint.
 
-Geometry: 96 px images, patch 8, so one crop is a 12 x 12 grid of 144 tokens (``vision_feature_select_strategy=
-"full"``). ``image_grid_pinpoints=[[96, 96]]``: a 96 px image gives the base view (144) + one same-resolution
-anyres tile (144) + 12 row newlines = 300 visual tokens, as the real model does for a small image; a 16-frame
-clip gives 16 x 36 (2x2 bilinear pooled frames) + 1 newline = 577 tokens.
+Geometry (the real model's anyres scheme, scaled down): the tower takes 48 px crops, patch 8, so one crop is a
+6 x 6 grid of 36 tokens (``vision_feature_select_strategy="full"``). Images are 96 px and
+``image_grid_pinpoints=[[96, 96]]``: the processor gives a 48 px base (overview) view of the whole image (36 tokens,
+16 px cells) + 2 x 2 full-resolution anyres tiles, packed into a 12 x 12 grid of 8 px cells with 12 row newlines
+(156) = 192 visual tokens. A 16-frame clip gives 16 x 9 (48 px frames, 2x2 bilinear pooled) + 1 newline = 145.
+
+Why 48 px crops: with a 96 px tower, a 96 px image gives a base view and one anyres tile that are the *same pixels*,
+so every patch reached the language model twice and dropping a random 75% of the visual tokens still left 44% of
+the image positions visible (measured: ``random(keep=0.25)`` lost only 4.6 points). Overview + tiles is the
+structure the real model has on real (large) images: the detail lives once, in the tiles.
 
 Tokenizer: word level over :func:`mmfast.zoo.data.vocabulary` plus role / prompt words and the special tokens,
 with a Qwen-style chat template (``<|im_start|>user\\n<image>\\nquestion<|im_end|>\\n<|im_start|>assistant\\n``);
@@ -17,19 +23,21 @@ Training recipe (:func:`train`, ``mmfast zoo train tiny-vlm``), three stages, al
 
 1. ``tower``: the vision tower alone with dense per-patch targets (colour, shape, size, region, object centre,
    centre offset and position of the covering object) through a linear head on the very features the projector
-   reads. A from-scratch VLM never learns shape at free (off-grid) positions; direct per-patch supervision does.
+   reads, on all 5 crops of each image (a tile is not told where it sits, so its region / position targets are
+   ignored). A from-scratch VLM never learns shape at free (off-grid) positions; direct per-patch supervision does.
 2. ``image``: tower frozen; projector + newline (higher LR) + language model from scratch on multi-turn sequences
-   (up to 10 QAs and the dense description per image, so 300 visual tokens are amortised over ~20 supervised
+   (up to 10 QAs and the dense description per image, so 192 visual tokens are amortised over ~20 supervised
    tokens), answers-only loss, a 1 -> 6 objects curriculum.
 3. ``joint``: images and 16-frame clips (video QA + the clip's dense description) together.
 
-The training fast path computes the tower once per image (the base view and the tile of a 96 px image are the
-same pixels) and scatters the features into ``inputs_embeds``; :func:`image_features` / :func:`video_features`
-give exactly what ``model.model.get_image_features`` / ``get_video_features`` give (tested).
+The training fast path takes the crops from the real image / video processors (:func:`image_pixels`,
+:func:`video_pixels`), runs the tower and projector on them and scatters the features into ``inputs_embeds``;
+:func:`image_features` / :func:`video_features` give exactly what the model's own forward packs (tested).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -58,6 +66,8 @@ __all__ = [
     "IMAGE_SIZE",
     "PATCH_SIZE",
     "GRID",
+    "VIEW_GRID",
+    "TOWER_SIZE",
     "IMAGE_TOKENS",
     "NUM_FRAMES",
     "CAPTION_PROMPT",
@@ -69,7 +79,8 @@ __all__ = [
     "build_config",
     "build_processor",
     "build_model",
-    "pixel_values",
+    "image_pixels",
+    "video_pixels",
     "image_features",
     "video_features",
     "SequenceBuilder",
@@ -80,12 +91,15 @@ __all__ = [
     "plot_curves",
 ]
 
-IMAGE_SIZE = 96
+IMAGE_SIZE = 96  # data images (the anyres canvas)
+TOWER_SIZE = 48  # the tower's crop: one anyres tile, the base view, one video frame
 PATCH_SIZE = 8
-GRID = IMAGE_SIZE // PATCH_SIZE  # 12
-IMAGE_TOKENS = GRID * GRID + GRID * (GRID + 1)  # base view + tile with row newlines = 300
+GRID = IMAGE_SIZE // PATCH_SIZE  # 12: the detail grid of the 2 x 2 tiles
+VIEW_GRID = TOWER_SIZE // PATCH_SIZE  # 6: one crop
+N_VIEWS = 1 + (IMAGE_SIZE // TOWER_SIZE) ** 2  # base view + 4 tiles
+IMAGE_TOKENS = VIEW_GRID * VIEW_GRID + GRID * (GRID + 1)  # base view + tiles with row newlines = 192
 NUM_FRAMES = 16
-VIDEO_TOKENS = NUM_FRAMES * (GRID // 2) ** 2 + 1  # 577
+VIDEO_TOKENS = NUM_FRAMES * math.ceil(VIEW_GRID / 2) ** 2 + 1  # 145
 CAPTION_PROMPT = "describe the image."
 VIDEO_CAPTION_PROMPT = "describe the video."
 
@@ -190,7 +204,7 @@ def build_config(size: ModelSize | str = "default") -> LlavaOnevisionConfig:
         intermediate_size=4 * size.vision_hidden,
         num_hidden_layers=size.vision_layers,
         num_attention_heads=size.vision_heads,
-        image_size=IMAGE_SIZE,
+        image_size=TOWER_SIZE,
         patch_size=PATCH_SIZE,
         vision_use_head=False,
     )
@@ -202,7 +216,7 @@ def build_config(size: ModelSize | str = "default") -> LlavaOnevisionConfig:
         num_attention_heads=size.text_heads,
         num_key_value_heads=size.text_kv_heads,
         max_position_embeddings=4096,
-        # Qwen2's own theta: half of each head's rotary frequencies turn < 0.3 rad over a 300-token image, so
+        # Qwen2's own theta: half of each head's rotary frequencies turn < 0.3 rad over a 192-token image, so
         # attention can match content regardless of where an object sits in the sequence
         rope_parameters={"rope_type": "default", "rope_theta": 1e6},
         tie_word_embeddings=False,
@@ -230,18 +244,18 @@ def build_config(size: ModelSize | str = "default") -> LlavaOnevisionConfig:
 
 
 def build_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaOnevisionProcessor:
-    """The real ``LlavaOnevisionProcessor`` (image + video processors at 96 px, mean = std = 0.5)."""
+    """The real ``LlavaOnevisionProcessor`` (48 px crops of 96 px images, 48 px video frames, mean = std = 0.5)."""
     from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
 
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
-    geometry = dict(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    geometry = dict(size={"height": TOWER_SIZE, "width": TOWER_SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     ip = LlavaOnevisionImageProcessor(**geometry, image_grid_pinpoints=[[IMAGE_SIZE, IMAGE_SIZE]])
     vp = LlavaOnevisionVideoProcessor(**geometry)
     return LlavaOnevisionProcessor(
         image_processor=ip,
         tokenizer=tokenizer,
         video_processor=vp,
-        num_image_tokens=GRID * GRID,
+        num_image_tokens=VIEW_GRID * VIEW_GRID,
         vision_feature_select_strategy="full",
         vision_aspect_ratio="anyres_max_9",
         chat_template=CHAT_TEMPLATE,
@@ -273,7 +287,7 @@ def build_model(size: ModelSize | str = "default", seed: int = 0) -> LlavaOnevis
         model = LlavaOnevisionForConditionalGeneration(config)
     emb = model.model.vision_tower.embeddings.position_embedding
     with torch.no_grad():
-        emb.weight.copy_(0.5 * _sincos_2d(GRID, emb.weight.shape[1]))
+        emb.weight.copy_(0.5 * _sincos_2d(VIEW_GRID, emb.weight.shape[1]))
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
@@ -289,19 +303,28 @@ def build_model(size: ModelSize | str = "default", seed: int = 0) -> LlavaOnevis
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def pixel_values(images: np.ndarray) -> torch.Tensor:
-    """(..., H, W, 3) uint8 -> (..., 3, H, W) float32 in [-1, 1].
+@functools.lru_cache(maxsize=1)
+def _media_processors() -> tuple[Any, Any]:
+    p = build_processor()
+    return p.image_processor, p.video_processor
 
-    Bit-identical to the processor's rescale (1/255) + normalize (mean = std = 0.5) at 96 px (no resize).
-    """
-    import torch
 
-    x = torch.from_numpy(np.ascontiguousarray(images)).float()
-    return ((x - 127.5) / 127.5).movedim(-1, -3).contiguous()
+def image_pixels(images: np.ndarray) -> torch.Tensor:
+    """(B, 96, 96, 3) uint8 -> (B, 5, 3, 48, 48): base view + 2 x 2 tiles, by the real image processor."""
+    if images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
+        raise ConfigError(f"expected (B, {IMAGE_SIZE}, {IMAGE_SIZE}, 3) images, got {tuple(images.shape)}")
+    return _media_processors()[0](list(images), return_tensors="pt")["pixel_values"]
+
+
+def video_pixels(frames: np.ndarray) -> torch.Tensor:
+    """(B, T, H, W, 3) uint8 -> (B, T, 3, 48, 48), by the real video processor."""
+    if frames.ndim != 5:
+        raise ConfigError(f"expected (B, T, H, W, 3) clips, got {tuple(frames.shape)}")
+    return _media_processors()[1](list(frames), return_tensors="pt")["pixel_values_videos"]
 
 
 def _tower(model: LlavaOnevisionForConditionalGeneration, pixels: torch.Tensor, grad: bool) -> torch.Tensor:
-    """(N, 3, 96, 96) -> (N, 144, Hv): the hidden state ``vision_feature_layer`` selects."""
+    """(N, 3, 48, 48) -> (N, 36, Hv): the hidden state ``vision_feature_layer`` selects."""
     import torch
 
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
@@ -309,30 +332,39 @@ def _tower(model: LlavaOnevisionForConditionalGeneration, pixels: torch.Tensor, 
     return out.hidden_states[model.config.vision_feature_layer]
 
 
-def image_features(model: LlavaOnevisionForConditionalGeneration, pixels: torch.Tensor,
-                   tower_grad: bool = True) -> torch.Tensor:
-    """(B, 3, 96, 96) -> (B, 300, D): base view, then the identical anyres tile with a newline after each row.
-
-    The tower runs once per image (the real path runs it on both crops, which hold the same pixels).
-    """
+def pack_views(model: LlavaOnevisionForConditionalGeneration, f: torch.Tensor) -> torch.Tensor:
+    """(B, 5, v * v, D) projected crops -> (B, v^2 + 2v (2v + 1), D): the base view, then the 2 x 2 tiles as one
+    2v x 2v grid in raster order with a newline after each row (``pack_image_features`` for a square 96 px image;
+    v = 6: 192 tokens)."""
     import torch
 
+    b, _, nn, d = f.shape
+    nt, v = IMAGE_SIZE // TOWER_SIZE, math.isqrt(nn)  # v < 6: crops pooled to v x v (tiny-vlm-flex)
+    g = nt * v
+    tiles = f[:, 1:].reshape(b, nt, nt, v, v, d).permute(0, 1, 3, 2, 4, 5).reshape(b, g, g, d)
+    newline = model.model.image_newline.to(f.dtype).view(1, 1, 1, d).expand(b, g, 1, d)
+    tiles = torch.cat([tiles, newline], dim=2).reshape(b, g * (g + 1), d)
+    return torch.cat([f[:, 0], tiles], dim=1)
+
+
+def image_features(model: LlavaOnevisionForConditionalGeneration, pixels: torch.Tensor,
+                   tower_grad: bool = True) -> torch.Tensor:
+    """(B, 5, 3, 48, 48) from :func:`image_pixels` -> (B, 192, D), exactly ``get_image_features`` + packing."""
     m = model.model
-    f = m.multi_modal_projector(_tower(model, pixels, tower_grad))  # (B, 144, D)
-    b, _, d = f.shape
-    newline = m.image_newline.to(f.dtype).view(1, 1, 1, d).expand(b, GRID, 1, d)
-    tile = torch.cat([f.view(b, GRID, GRID, d), newline], dim=2).reshape(b, GRID * (GRID + 1), d)
-    return torch.cat([f, tile], dim=1)
+    b = pixels.shape[0]
+    f = m.multi_modal_projector(_tower(model, pixels.flatten(0, 1), tower_grad))  # (B*5, 36, D)
+    return pack_views(model, f.view(b, N_VIEWS, VIEW_GRID * VIEW_GRID, -1))
 
 
 def video_features(model: LlavaOnevisionForConditionalGeneration, pixels: torch.Tensor,
                    tower_grad: bool = False) -> torch.Tensor:
-    """(B, T, 3, 96, 96) -> (B, T * 36 + 1, D): projected frames, 2x2 bilinear pooled, then one newline."""
+    """(B, T, 3, 48, 48) from :func:`video_pixels` -> (B, T * 9 + 1, D): projected frames, 2x2 bilinear pooled,
+    then one newline."""
     import torch
 
     m = model.model
     b, t = pixels.shape[:2]
-    f = m.multi_modal_projector(_tower(model, pixels.flatten(0, 1), tower_grad))  # (B*T, 144, D)
+    f = m.multi_modal_projector(_tower(model, pixels.flatten(0, 1), tower_grad))  # (B*T, 36, D)
     f = m.apply_pooling(f).reshape(b, -1, f.shape[-1])
     newline = m.image_newline.to(f.dtype).view(1, 1, -1).expand(b, 1, -1)
     return torch.cat([f, newline], dim=1)
@@ -427,30 +459,48 @@ TOWER_CLASSES: dict[str, int] = {"color": 8, "shape": 7, "size": 3, "region": 6,
 TOWER_REGRESS = 4  # centre offset (dx, dy) in patches, object position (x, y) in [-1, 1]
 
 
-def tower_targets(scene: D.Scene) -> dict[str, np.ndarray]:
-    """Per-patch targets of one scene, each (144,) or (144, 4): the covering object's colour / shape / size /
-    region (from :func:`mmfast.zoo.data.patch_labels`), ``centre`` (1 on the patch holding an object's centre)
-    and ``geom`` (offset of that object's centre from the patch centre in patches, and its position in [-1, 1])."""
-    pl = D.patch_labels(scene, grid=GRID)
-    cell = scene.image_size / GRID
-    centre = np.zeros((GRID, GRID), np.int64)
-    geom = np.zeros((GRID, GRID, TOWER_REGRESS), np.float32)
-    gy, gx = np.mgrid[0:GRID, 0:GRID]
+def _grid_targets(scene: D.Scene, grid: int, absolute: bool) -> dict[str, np.ndarray]:
+    """(grid, grid[, 4]) targets at one cell size; ``absolute=False`` (a tile, which cannot know where it sits in
+    the image) ignores the region class (-100) and the absolute position of object cells."""
+    pl = D.patch_labels(scene, grid=grid)
+    cell = scene.image_size / grid
+    centre = np.zeros((grid, grid), np.int64)
+    geom = np.zeros((grid, grid, TOWER_REGRESS), np.float32)
+    geom_w = np.zeros((grid, grid, TOWER_REGRESS), np.float32)
+    gy, gx = np.mgrid[0:grid, 0:grid]
     for j, o in enumerate(scene.objects):
-        centre[min(GRID - 1, int(o.y // cell)), min(GRID - 1, int(o.x // cell))] = 1
+        centre[min(grid - 1, int(o.y // cell)), min(grid - 1, int(o.x // cell))] = 1
         m = pl["object"] == j
         geom[m, 0] = (o.x - (gx[m] + 0.5) * cell) / cell
         geom[m, 1] = (o.y - (gy[m] + 0.5) * cell) / cell
         geom[m, 2] = 2.0 * o.x / scene.image_size - 1.0
         geom[m, 3] = 2.0 * o.y / scene.image_size - 1.0
-    out = {k: pl[k].reshape(-1) for k in ("color", "shape", "size", "region")}
-    out["centre"] = centre.reshape(-1)
-    out["geom"] = geom.reshape(-1, TOWER_REGRESS)
+        geom_w[m] = (1.0, 1.0, float(absolute), float(absolute))
+    out = {k: pl[k] for k in ("color", "shape", "size", "region")}
+    if not absolute:
+        out["region"] = np.where(pl["object"] >= 0, -100, 0)
+    out["centre"], out["geom"], out["geom_w"] = centre, geom, geom_w
+    return out
+
+
+def tower_targets(scene: D.Scene) -> dict[str, np.ndarray]:
+    """Per-patch targets of the 5 crops of one scene (base view, then the tiles in raster order), each (5, 36) or
+    (5, 36, 4): the covering object's colour / shape / size / region (:func:`mmfast.zoo.data.patch_labels` at the
+    crop's cell size), ``centre`` (1 on the patch holding an object's centre), ``geom`` (offset of that object's
+    centre from the patch centre in patches, and its position in [-1, 1]) and ``geom_w`` (which geom entries count)."""
+    base = _grid_targets(scene, VIEW_GRID, absolute=True)
+    fine = _grid_targets(scene, GRID, absolute=False)
+    nt, v = IMAGE_SIZE // TOWER_SIZE, VIEW_GRID
+    out = {}
+    for k, b in base.items():
+        f = fine[k]
+        tiles = f.reshape(nt, v, nt, v, *f.shape[2:]).swapaxes(1, 2).reshape(nt * nt, v * v, *f.shape[2:])
+        out[k] = np.concatenate([b.reshape(1, v * v, *b.shape[2:]), tiles], axis=0)
     return out
 
 
 def _tower_batch(split: str, seed: int, start: int, n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Pixels (n, 3, 96, 96) and stacked :func:`tower_targets` of images ``start .. start + n - 1``."""
+    """Crops (n * 5, 3, 48, 48) and stacked :func:`tower_targets` (n * 5, 36[, 4]) of images ``start .. start + n - 1``."""
     import torch
 
     images, targets = [], []
@@ -458,8 +508,9 @@ def _tower_batch(split: str, seed: int, start: int, n: int) -> tuple[torch.Tenso
         scene = D.make_scene(D.sample_rng("image", split, seed, i), split)
         images.append(scene.image)
         targets.append(tower_targets(scene))
-    y = {k: torch.from_numpy(np.stack([t[k] for t in targets])) for k in targets[0]}
-    return pixel_values(np.stack(images)), y
+    y = {k: torch.from_numpy(np.stack([t[k] for t in targets]).reshape(n * N_VIEWS, *targets[0][k].shape[1:]))
+         for k in targets[0]}
+    return image_pixels(np.stack(images)).flatten(0, 1), y
 
 
 class TowerHead:
@@ -474,17 +525,17 @@ class TowerHead:
         """Sum of per-head cross-entropies + 0.5 x MSE of the geometry on object patches; also accuracies."""
         import torch.nn.functional as F
 
-        out = self.linear(feats).float()  # (B, 144, C)
+        out = self.linear(feats).float()  # (N, 36, C)
         total, i, acc = 0.0, 0, {}
         obj = y["color"] > 0
         for k, n in TOWER_CLASSES.items():
             logits = out[..., i:i + n]
             i += n
             total = total + F.cross_entropy(logits.reshape(-1, n), y[k].reshape(-1))
-            m = y[k] == 1 if k == "centre" else obj  # object patches (centre: recall of centre patches)
+            m = y[k] == 1 if k == "centre" else obj & (y[k] >= 0)  # object patches (centre: recall of centres)
             acc[k] = float((logits.argmax(-1)[m] == y[k][m]).float().mean()) if bool(m.any()) else 0.0
-        w = obj.unsqueeze(-1).float()
-        mse = ((out[..., i:] - y["geom"]).pow(2) * w).sum() / w.sum().clamp(min=1.0) / TOWER_REGRESS
+        w = y["geom_w"]
+        mse = ((out[..., i:] - y["geom"]).pow(2) * w).sum() / w.sum().clamp(min=1.0)
         return total + 0.5 * mse, acc
 
 
@@ -503,18 +554,19 @@ class Recipe:
     seed: int = 0
     # stage 1: tower alone, dense per-patch targets
     tower_steps: int = 2500
-    tower_batch: int = 64
+    tower_batch: int = 32  # images; x 5 crops
     tower_lr: float = 2e-3
     # stage 2: images; tower frozen
-    image_steps: int = 1800
+    image_steps: int = 3000
     image_batch: int = 16
     curriculum_steps: int = 300  # first steps of stage 2 use 2-3 objects per image (always a choice to make)
     qas_per_image: int = 16
     desc_first: float = 0.2  # fraction of sequences that are only the description turn (as captioning asks)
     # stage 3: images + 16-frame clips
-    # the shipped checkpoint: stage 2 ran under the LR schedule of joint_steps=2000, cut to 1200 when stage 3
-    # began (CPU time); so a fresh run with these defaults differs only by stage 2's slower LR decay
-    joint_steps: int = 1200
+    # the shipped checkpoint: its first 1139 stage-2 steps ran under the schedule of image_steps=1800 /
+    # joint_steps=1200 (extended when the 48 px geometry learned slower than the 96 px one had); a fresh run with
+    # these defaults differs only by that stretch's faster LR decay
+    joint_steps: int = 2000
     joint_image_batch: int = 8
     joint_video_batch: int = 4
     qas_per_clip: int = 12
@@ -640,11 +692,11 @@ def _teacher_forced_eval(model: LlavaOnevisionForConditionalGeneration, builder:
             ids, grp = _collate(seqs, builder.pad)
             with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
                 if modality == "image":
-                    pix = pixel_values(np.stack([items[k].image for k, _ in chunk]))
+                    pix = image_pixels(np.stack([items[k].image for k, _ in chunk]))
                     feats = image_features(model, pix)
                     tid = cfg.image_token_index
                 else:
-                    pix = pixel_values(np.stack([items[k].frames for k, _ in chunk]))
+                    pix = video_pixels(np.stack([items[k].frames for k, _ in chunk]))
                     feats = video_features(model, pix)
                     tid = cfg.video_token_index
                 h = _lm_hidden(model, _embed(model, ids, feats, tid))
@@ -894,14 +946,14 @@ class _Trainer:
                     n_obj = range(2, 4) if st == "image" and step < r.curriculum_steps else None
                     images, seqs = self._image_seqs(self._image_offset() + step * n_img, n_img, n_obj)
                     ids, grp = _collate(seqs, self.builder.pad)
-                    feats = image_features(model, pixel_values(images), tower_grad=tower_grad)
+                    feats = image_features(model, image_pixels(images), tower_grad=tower_grad)
                     li, s = self._lm_loss(ids, grp, feats, model.config.image_token_index)
                     loss = loss + li
                     stats.update({f"img_{k}": v for k, v in s.items()})
                 if st == "joint" and r.joint_video_batch:
                     frames, seqs = self._clip_seqs(step * r.joint_video_batch, r.joint_video_batch)
                     ids, grp = _collate(seqs, self.builder.pad)
-                    feats = video_features(model, pixel_values(frames), tower_grad=False)
+                    feats = video_features(model, video_pixels(frames), tower_grad=False)
                     lv, s = self._lm_loss(ids, grp, feats, model.config.video_token_index)
                     loss = loss + lv
                     stats.update({f"vid_{k}": v for k, v in s.items()})
@@ -932,7 +984,7 @@ class _Trainer:
         * query head 0 / key-value head 0 of the first layers: ``W_q = g R`` and ``W_k = g R M^T`` on the slow
           (near position-free) rotary dimensions, with ``R`` a random orthonormal projection. A question word
           then attends to the patches that show it (``q . k ~ emb(w) . emb(w)``), but not to itself or other
-          text (``M`` scrambles text keys). Finding the few relevant tokens among 300 is what a from-scratch
+          text (``M`` scrambles text keys). Finding the few relevant tokens among 192 is what a from-scratch
           language model learned slowest; this head does it from step 0.
 
         Everything stays trainable; this only sets where training starts.

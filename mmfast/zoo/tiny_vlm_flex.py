@@ -6,12 +6,12 @@ Start: the shipped tiny-vlm (tower, projector, language model). Added: a :class:
 visual-token count independently (TokenFLEX's stochastic dynamic-token training; the paper samples from
 {64, 144, 256} tokens of a ~27 x 27 grid):
 
-* images: pooled crop side n uniform over {3, 4, 6, 8, 12} of the 12 x 12 grid (9 to 144 tokens per crop; with
-  the anyres tile and its newlines 21 to 300 visual tokens). ``keep`` 0.5 / 0.25 / 0.125 pick n = 8 / 6 / 4;
-* videos: per-frame side uniform over {2, 3, 4, 6} of the native 6 x 6 pooled frame (n = 4 / 3 / 2 for the same
+* images: pooled crop side n uniform over {2, 3, 4, 5, 6} of each 6 x 6 crop (base view + 4 tiles: 24 to 192
+  visual tokens with the tiles' row newlines). ``keep`` 0.5 / 0.25 / 0.125 pick n = 4 / 3 / 2;
+* videos: per-frame side uniform over {1, 2, 3} of the native 3 x 3 pooled frame (n = 2 / 2 / 1 for the same
   keeps).
 
-n = 12 (images) and n = 6 (videos) run the checkpoint's own path (no pooling, no feature weighting), so the saved
+n = 6 (images) and n = 3 (videos) run the checkpoint's own path (no pooling, no feature weighting), so the saved
 model's plain ``from_pretrained`` path is the full-count model and keeps being trained. Loss: answers (weight 1)
 and dense descriptions (0.5) of multi-turn sequences, as tiny-vlm's joint stage; 8 images + 2 clips per step.
 
@@ -23,6 +23,7 @@ state), ``log.jsonl`` (losses; teacher-forced held-out exact match at several co
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -40,9 +41,10 @@ if TYPE_CHECKING:
 
     from mmfast.accel.tokenflex import FlexProjector
 
-IMAGE_SIDES: tuple[int, ...] = (3, 4, 6, 8, 12)
-VIDEO_SIDES: tuple[int, ...] = (2, 3, 4, 6)
-VIDEO_SIDE = T.GRID // 2  # native pooled frame side
+IMAGE_SIDES: tuple[int, ...] = (2, 3, 4, 5, 6)
+VIDEO_SIDES: tuple[int, ...] = (1, 2, 3)
+IMAGE_SIDE = T.VIEW_GRID  # native crop side
+VIDEO_SIDE = math.ceil(T.VIEW_GRID / 2)  # native pooled frame side
 
 
 @dataclass
@@ -83,22 +85,18 @@ class FlexRecipe:
 # fast features (equal to what the tokenflex accelerator computes for 96 px images / 16-frame clips; tested)
 # ---------------------------------------------------------------------------------------------------------------
 def flex_image_features(model: Any, flex: FlexProjector, tower: torch.Tensor, sides: list[int]) -> list[torch.Tensor]:
-    """tower (B, 144, Dv) frozen features -> per image (N_b, D): base view then the identical anyres tile with a
-    newline after each row, each pooled to its side (12: the checkpoint's own path)."""
-    import torch
-
+    """tower (B, 5, 36, Dv) frozen features of the 5 crops -> per image (N_b, D): every crop pooled to its image's
+    side n, packed as the model packs them (base view, then the 2 x 2 tiles with row newlines; n = 6: the
+    checkpoint's own path)."""
     from mmfast.accel.tokenflex import _pool_crops
 
     m = model.model
     out: list[Any] = [None] * len(sides)
     for n in sorted(set(sides)):
         idx = [i for i, s in enumerate(sides) if s == n]
-        h = tower[idx]
-        f = m.multi_modal_projector(h if n == T.GRID else flex(_pool_crops(h, n)).flatten(1, 2))
-        b, _, d = f.shape
-        newline = m.image_newline.to(f.dtype).view(1, 1, 1, d).expand(b, n, 1, d)
-        tile = torch.cat([f.view(b, n, n, d), newline], dim=2).reshape(b, n * (n + 1), d)
-        feats = torch.cat([f, tile], dim=1)
+        h = tower[idx].flatten(0, 1)
+        f = m.multi_modal_projector(h if n == IMAGE_SIDE else flex(_pool_crops(h, n)).flatten(1, 2))
+        feats = T.pack_views(model, f.view(len(idx), T.N_VIEWS, n * n, -1))
         for j, i in enumerate(idx):
             out[i] = feats[j]
     return out
@@ -106,7 +104,7 @@ def flex_image_features(model: Any, flex: FlexProjector, tower: torch.Tensor, si
 
 def flex_video_features(model: Any, flex: FlexProjector, tower: torch.Tensor, frames: int,
                         sides: list[int]) -> list[torch.Tensor]:
-    """tower (B*T, 144, Dv) -> per clip (T * n^2 + 1, D); n = 6 is the checkpoint's own 2x2 bilinear path."""
+    """tower (B*T, 36, Dv) -> per clip (T * n^2 + 1, D); n = 3 is the checkpoint's own 2x2 bilinear path."""
     import torch
 
     from mmfast.accel.tokenflex import _pool_crops
@@ -130,7 +128,7 @@ def flex_video_features(model: Any, flex: FlexProjector, tower: torch.Tensor, fr
 
 
 def image_tokens(n: int) -> int:
-    return n * n + n * (n + 1)
+    return n * n + 2 * n * (2 * n + 1)
 
 
 def video_tokens(n: int, frames: int = T.NUM_FRAMES) -> int:
@@ -261,7 +259,8 @@ class _FlexTrainer:
                 seqs = [self.builder.encode(self._turns(s, T.CAPTION_PROMPT, "image", start + j), "image",
                                             image_tokens(n)) for j, (s, n) in enumerate(zip(samples, sides))]
                 ids, grp = T._collate(seqs, self.builder.pad)
-                tower = T._tower(m, T.pixel_values(np.stack([s.image for s in samples])), grad=False).detach()
+                pix = T.image_pixels(np.stack([s.image for s in samples]))
+                tower = T._tower(m, pix.flatten(0, 1), grad=False).detach().view(*pix.shape[:2], -1, m.config.vision_config.hidden_size)
                 li, s = self._loss(ids, grp, flex_image_features(m, self.flex, tower, sides), m.config.image_token_index)
                 loss = loss + li
                 stats.update({f"img_{k}": v for k, v in s.items()})
@@ -273,7 +272,7 @@ class _FlexTrainer:
                 seqs = [self.builder.encode(self._turns(c, T.VIDEO_CAPTION_PROMPT, "video", start + j), "video",
                                             video_tokens(n)) for j, (c, n) in enumerate(zip(clips, sides))]
                 ids, grp = T._collate(seqs, self.builder.pad)
-                pix = T.pixel_values(np.stack([c.frames for c in clips]))
+                pix = T.video_pixels(np.stack([c.frames for c in clips]))
                 tower = T._tower(m, pix.flatten(0, 1), grad=False).detach()
                 feats = flex_video_features(m, self.flex, tower, T.NUM_FRAMES, sides)
                 lv, s = self._loss(ids, grp, feats, m.config.video_token_index)
@@ -291,7 +290,7 @@ class _FlexTrainer:
         return stats
 
     # ---- evaluation (teacher-forced exact match, one question per prompt) ----------------------------------------
-    def evaluate(self, image_sides: tuple[int, ...] = (12, 6, 3), video_sides: tuple[int, ...] = (6, 3),
+    def evaluate(self, image_sides: tuple[int, ...] = (6, 3, 2), video_sides: tuple[int, ...] = (3, 2),
                  batch: int = 24) -> dict[str, float]:
         import torch
 
@@ -307,8 +306,10 @@ class _FlexTrainer:
             jobs = [(k, qa) for k, it in enumerate(items) for qa in it.questions]
             with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
                 stacked = np.stack([it.image if modality == "image" else it.frames for it in items])
-                pix = T.pixel_values(stacked)
-                tower = T._tower(self.model, pix if modality == "image" else pix.flatten(0, 1), grad=False)
+                pix = T.image_pixels(stacked) if modality == "image" else T.video_pixels(stacked)
+                tower = T._tower(self.model, pix.flatten(0, 1), grad=False)
+                if modality == "image":
+                    tower = tower.view(*pix.shape[:2], *tower.shape[1:])
                 for n in sides:
                     if modality == "image":
                         per = flex_image_features(self.model, self.flex, tower, [n] * len(items))
