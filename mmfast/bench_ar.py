@@ -150,7 +150,7 @@ def ar_speed(
     steps = {s: 0 for s in specs}
     for s in specs:  # warm-up: first-call allocations and per-model tables (LANTERN's latent neighbours)
         pipes[s](labels=[0], seed=seed, output_type="tokens", progress=False)
-    for rep in range(repeats):
+    for _ in range(repeats):
         for i in range(images):  # interleaved image by image
             for s in specs:
                 t0 = time.perf_counter()
