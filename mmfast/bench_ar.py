@@ -123,8 +123,8 @@ def ar_speed(
 ) -> list[dict[str, Any]]:
     """Why: tiny-ar (2.9M parameters, 64 tokens) is compute-bound on a CPU, so verifying a 16-token window costs
     ~3x a one-token step and the wall speed-up trails the step compression. A real AR generator (LlamaGen GPT-B,
-    111M parameters) is memory-bound at one token per step: the weights are read once per forward whatever the
-    window. Random weights are fine for timing but not for acceptance (a near-uniform p accepts almost any
+    111M parameters) is closer to memory-bound at one token per step (its weights are read once per forward
+    whatever the window), so verification is cheaper relative to a step; this suite measures how much. Random weights are fine for timing but not for acceptance (a near-uniform p accepts almost any
     draft), so each row reports the measured ``ms_per_step`` and ``step_cost`` (÷ the baseline's) and the
     ``projected_speedup`` = tiny-ar's measured ``step_compression`` (from ``compression_from``) / ``step_cost``.
     ``steps`` / ``speedup`` on the random model are listed as measured, not as a quality claim.
