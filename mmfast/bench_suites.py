@@ -12,8 +12,11 @@
 * ``vlm-quality`` / ``video-quality``: held-out exact-match accuracy of the zoo's tiny-vlm on synthetic image /
   16-frame video QA (:func:`mmfast.zoo.evaluate.evaluate_vlm`, the real pipeline path) per method, with
   ``accuracy_retained`` against the tiny-vlm baseline, accuracy per question type (``per_type``) and
-  ``kv_ratio_bf16`` (KV bytes held after the prompt / those of the baseline stored in bf16). ``tokenflex`` rows run on tiny-vlm-flex, the checkpoint
-  trained for it (its own full-count row is listed, and ``retained_vs_own_baseline`` is relative to it).
+  ``kv_ratio_bf16`` (KV bytes held after the prompt / those of the baseline stored in bf16). ``tokenflex`` rows
+  run on tiny-vlm-flex, the checkpoint trained for it (its own full-count row is listed, and
+  ``retained_vs_own_baseline`` is relative to it). KV methods answer from their compressed cache
+  (``answer_from_kv``): the prompt up to the chat template's generation prompt is prefilled and compressed, then
+  the generation prompt is fed, so the one- or two-word answers are decoded entirely over the compressed cache.
 
 With no ``--accelerate``, the vision suites run :data:`VISION_METHODS`.
 """

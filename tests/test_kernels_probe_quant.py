@@ -194,6 +194,28 @@ def test_mixed_precision_dense_layout_when_counts_match():
     torch.testing.assert_close(F.scaled_dot_product_attention(q, *exact), ref)
 
 
+def test_dense_values_share_one_range_per_token_across_heads():
+    """ZipCache's token-wise value quantization: one (scale, min) per token over all kv heads x D channels."""
+    g = torch.Generator().manual_seed(2)
+    h, s, d = 3, 20, 16
+    keys, values = torch.randn(1, h, s, d, generator=g), torch.randn(1, h, s, d, generator=g)
+    values[:, 1] *= 4  # a louder head: its channels are flattened by the per-channel scale before the shared range
+    high = torch.zeros(1, h, s, dtype=torch.bool)
+    high[..., :5] = True
+    seg = MixedPrecisionKV(keys, values, high, (4, 2))
+    n_hi, n_lo = 5, s - 5
+    codes = 2 * (n_hi * h * d * 4 + n_lo * h * d * 2) // 8
+    meta = 2 * (h * d * 2 * 2) + s * 2 * 2 + h * d * 2  # key ranges per channel and block, value ranges per token, c
+    assert seg.nbytes() == codes + meta
+    _, v = seg.dequantize(torch.float32)
+    c = values.abs().amax(dim=-2, keepdim=True).sqrt()
+    for bits, lo, hi in ((4, 0, n_hi), (2, n_hi, s)):
+        rows = (values / c)[:, :, lo:hi].transpose(1, 2).reshape(hi - lo, h * d)  # one row per token
+        step = (rows.amax(-1) - rows.amin(-1)) / (2**bits - 1)  # the shared range's step
+        err = ((v[:, :, lo:hi] - values[:, :, lo:hi]) / c).abs().transpose(1, 2).reshape(hi - lo, h * d)
+        assert (err <= step[:, None] / 2 * 1.01 + 1e-6).all()
+
+
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_triton_dequantize_matches_reference(monkeypatch, bits):

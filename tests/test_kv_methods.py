@@ -220,6 +220,9 @@ def test_full_budget_and_tau_one_are_identical_to_baseline(pipes, family):
             out = _run(pipe, spec, **kw)
             assert out["answer"] == base["answer"], spec
             assert out["stats"]["kv_bytes_end"] == base["stats"]["kv_bytes_end"], spec
+            # the generation prompt fed after the compressed prefill: the same tokens when nothing is compressed
+            late = type(pipe)(pipe.adapter, mmfast.accel.resolve(spec))(question=Q, **kw, **GEN, answer_from_kv=True)
+            assert late["stats"]["new_tokens"] == 6 and late["answer"] == base["answer"], spec
 
 
 MATRIX = [
@@ -362,3 +365,28 @@ def test_stacks_with_vision_and_window_methods(pipes):
     assert st["new_tokens"] == 6 and st["kv_tokens"] == round(0.2 * st["prompt_tokens"])
     st = _run(img, "kv_window(sink=2,recent=8)+zipvl(every=2)", image=make_test_image(0))["stats"]
     assert st["kv_tokens_end"] == 10
+
+
+def test_answer_from_kv_feeds_the_generation_prompt_after_compression(pipes):
+    """With ``answer_from_kv`` the first answer token is computed over the already compressed cache."""
+    img, _ = pipes["llava_onevision"]
+    pipe = type(img)(img.adapter, mmfast.accel.resolve("lookm(budget=0.2)"))
+    g = img.adapter.generation_prompt_length()
+    assert g > 1  # "<|im_start|>assistant\n" in the tiny test tokenizer
+    seen: list[tuple[int, int]] = []  # (tokens fed, entries stored in the cache before this forward)
+
+    def pre(_m, args, kwargs):
+        x = kwargs.get("inputs_embeds")
+        x = kwargs["input_ids"] if x is None else x
+        cache = kwargs.get("past_key_values")
+        seen.append((x.shape[1], cache.layers[0].stored_length() if cache is not None and cache.layers else 0))
+
+    h = img.adapter.language_model.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        st = pipe(question=Q, image=make_test_image(0), **GEN, answer_from_kv=True)["stats"]
+    finally:
+        h.remove()
+    n = st["prompt_tokens"]
+    assert seen[0] == (n - g, 0)
+    assert seen[1] == (1, round(0.2 * (n - g)))  # the generation prompt reads the evicted cache ...
+    assert [t for t, _ in seen[1:]] == [1] * (g + GEN["max_new_tokens"] - 1)  # ... one token per forward

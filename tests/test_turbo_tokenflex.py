@@ -130,7 +130,7 @@ def test_adaptive_pool_tokens_hand_built():
 
 def test_spec_validation():
     assert Turbo().keep == 0.25 and mmfast.accel.parse_spec("turbo(r=16,alpha=5)")[0].r == 16
-    for bad in ("turbo(keep=0.5,r=3)", "turbo(keep=0)", "turbo(path=x)", "tokenflex(tokens=0)",
+    for bad in ("turbo(keep=0.5,r=3)", "turbo(keep=0)", "turbo(path=x)", "turbo(metric=x)", "tokenflex(tokens=0)",
                 "adaptive_pool(keep=2)", "tokenflex(keep=0.5,tokens=4)"):
         with pytest.raises(ConfigError):
             mmfast.accel.parse_spec(bad)
@@ -235,6 +235,53 @@ def test_turbo_in_vit_anchors_threshold_and_paths(pipes):
     assert post["visual_tokens_kept"] == 4
     with pytest.raises(IncompatibleAcceleratorError):
         _run(pipes["qwen2_vl"][0], "turbo(path=vit)", {"image": make_test_image(0)})
+
+
+def test_turbo_onevision_in_vit_keeps_anchored_grid_tokens(pipes):
+    """SigLIP in-ViT path (LLaVA-OneVision images): without merges it is get_image_features; with merges every kept
+    token sits at a patch of the model's layout, sizes add up to the patches, and newline tokens all stay."""
+    img, vid = pipes["llava_onevision"]
+    ad = img.adapter
+    wide = make_test_image(1).resize((96, 40))
+    cases = [([make_test_image(0)], True), ([wide], False), ([make_test_image(0), make_test_image(1)], True)]
+    for images, square in cases:
+        inputs = ad.preprocess(Q, images=images)
+        with torch.no_grad():
+            ref = ad.visual_tokens(inputs)
+            same = Turbo(r=0)._encode_onevision_in_vit(ad, inputs)
+            got = Turbo(keep=0.25, path="vit")._encode_onevision_in_vit(ad, inputs)
+        for r, s, g in zip(ref, same, got, strict=True):
+            assert torch.allclose(r.features, s.features, atol=1e-5)
+            assert torch.equal(r.coords, s.coords) and torch.equal(r.source, s.source)
+            reg = ~g.layout_mask
+            n_reg = int((~r.layout_mask).sum())
+            assert g.n_original == r.n_original and int(g.layout_mask.sum()) == int(r.layout_mask.sum())
+            assert bool((g.source.diff() > 0).all())
+            assert torch.equal(g.coords, r.coords[g.source])  # each kept token sits at its anchor's grid cell
+            assert bool((g.sizes[reg] >= 1).all())
+            if square:
+                assert int(reg.sum()) == round(0.25 * n_reg)
+                assert float(g.sizes[reg].sum()) == n_reg  # every patch is in exactly one kept token
+            else:  # tokens anchored in the unpadded-away margin go with it
+                assert int(reg.sum()) <= round(0.25 * n_reg) and float(g.sizes[reg].sum()) <= n_reg
+    base = img(question=Q, image=make_test_image(0), **GEN)
+    assert _run(img, "turbo(keep=1.0,path='vit')", {"image": make_test_image(0)})["answer"] == base["answer"]
+    st = _run(img, "turbo(keep=0.25,path='vit')", {"image": make_test_image(0)})["stats"]
+    assert st["visual_tokens_kept"] == 16 + round(0.25 * 320) and st["new_tokens"] == 6
+    with pytest.raises(IncompatibleAcceleratorError):  # OneVision pools video after the projector: post path only
+        _run(vid, "turbo(keep=0.25,path='vit')", {"video": make_test_video(4)})
+
+
+@pytest.mark.parametrize("family", ["llava_next_video", "llava_onevision"])
+def test_turbo_key_metric_is_mapped_onto_every_token(pipes, family):
+    img, _ = pipes[family]
+    ad = img.adapter
+    for kw in ({"images": [make_test_image(0)]}, {"video": make_test_video(4)}):
+        items = Turbo(keep=0.5, metric="keys", semantic="none").encode(ad, ad.preprocess(Q, **kw))
+        for it in items:
+            keys = it.extra["turbo_keys"]
+            assert keys.shape[0] == len(it) and float(keys[it.layout_mask].abs().sum()) == 0
+            assert len(Turbo(keep=0.5, metric="keys").reduce(it)) < len(it)
 
 
 @pytest.mark.parametrize("family", ["llava_next_video", "llava_onevision", "qwen2_5_vl"])

@@ -77,7 +77,10 @@ class MixedPrecisionKV(KVSegment):
 
     Keys: channel-wise asymmetric quantization (one range per (head, channel) over that precision's entries).
     Values: ZipCache's channel-separable token-wise scheme: divide by ``c = sqrt(max_t |v|)`` per (head, channel)
-    to flatten outlier channels, quantize token-wise, multiply back on read. ``16`` bits keeps entries as they are.
+    to flatten outlier channels, then quantize token-wise with one range per token over all its kv heads x D
+    channels (as ZipCache's ``true_tokenwise_quantize``: the channel normalisation is what makes one range per
+    token work, and it costs 4 bytes of range per token instead of 4 per (token, head)); multiply back on read.
+    Rows kept flat under a per-head mask use one range per (token, head). ``16`` bits keeps entries as they are.
 
     Layout: when every head has the same number of ``high`` entries (one token set per layer, as ZipVL's), the
     entries are regrouped into a dense high block followed by a dense low block (attention does not depend on the
@@ -120,7 +123,10 @@ class MixedPrecisionKV(KVSegment):
             c = all_values.float().abs().amax(dim=-2, keepdim=True).sqrt_().clamp_min_(1e-4)
             self.vscale = c.to(meta_dtype(values.dtype))
         k = quantize(keys, bits, "channel", sel)
-        v = quantize(values.float() / self.vscale.float(), bits, "token", sel, meta=meta_dtype(values.dtype))
+        v = values.float() / self.vscale.float()
+        if sel is None:  # ZipCache's token-wise range spans the whole row (kv_heads x D) of a token
+            v = _join_heads(v)
+        v = quantize(v, bits, "token", sel, meta=meta_dtype(values.dtype))
         self.parts.append((bits, sel, k, v))
 
     def dequantize(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +149,10 @@ class MixedPrecisionKV(KVSegment):
         vs = self.vscale.float()
         if sel is not None:
             vs = vs.expand(self.shape)[sel]
-        return dequantize(k, dtype, sel), (dequantize(v, torch.float32, sel) * vs).to(dtype)
+        vals = dequantize(v, torch.float32, sel)
+        if sel is None:
+            vals = _split_heads(vals, self.shape[1])
+        return dequantize(k, dtype, sel), (vals * vs).to(dtype)
 
     def nbytes(self) -> int:
         total = tensor_bytes(self.high) + tensor_bytes(self.vscale)
@@ -151,6 +160,18 @@ class MixedPrecisionKV(KVSegment):
             total += k.nbytes() if isinstance(k, QTensor) else tensor_bytes(k)
             total += v.nbytes() if isinstance(v, QTensor) else tensor_bytes(v)
         return total
+
+
+def _join_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, S, D) -> (B, 1, S, H * D): one row per token across its heads."""
+    b, h, s, d = x.shape
+    return x.transpose(1, 2).reshape(b, 1, s, h * d)
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Inverse of :func:`_join_heads`."""
+    b, _, s, hd = x.shape
+    return x.reshape(b, s, heads, hd // heads).transpose(1, 2)
 
 
 class CompressedLayer(DynamicLayer):

@@ -191,6 +191,7 @@ class VLMAdapter:
         self.prefill_methods: list[Any] = []
         self.kv_methods: list[Any] = []
         self._last_spans: list[Span] = []
+        self._gen_prompt_len: int | None = None
 
     # ---- accelerator registration --------------------------------------------------------------
     def add_accelerator(self, acc: Any) -> None:
@@ -381,10 +382,34 @@ class VLMAdapter:
             return None
         return CompressedCache(self.num_layers, list(self.kv_methods), shared={"spans": spans})
 
+    def generation_prompt_length(self) -> int:
+        """Tokens the chat template's generation prompt adds (e.g. ``<|im_start|>assistant\n``); 1 without one."""
+        if self._gen_prompt_len is None:
+            n = 1
+            template = getattr(self.processor, "chat_template", None)
+            if template:
+                msgs = [{"role": "user", "content": [{"type": "text", "text": "x"}]}]
+                with_gp, without = (
+                    self.tokenizer(self.processor.apply_chat_template(msgs, add_generation_prompt=g, tokenize=False),
+                                   add_special_tokens=False)["input_ids"]
+                    for g in (True, False)
+                )
+                if len(with_gp) > len(without) and with_gp[: len(without)] == without:
+                    n = len(with_gp) - len(without)
+            self._gen_prompt_len = n
+        return self._gen_prompt_len
+
     @torch.inference_mode()
     def generate(self, inputs: BatchFeature, **gen_kwargs: Any) -> GenerationResult:
-        """Answer one preprocessed prompt with the attached methods; greedy unless ``do_sample=True``."""
+        """Answer one preprocessed prompt with the attached methods; greedy unless ``do_sample=True``.
+
+        ``answer_from_kv=True`` (with a KV method attached): prefill the prompt without the chat template's
+        generation prompt, let the KV methods compress that cache, then feed the generation prompt and decode, so
+        even the first answer token reads the compressed cache (otherwise it comes from the full-precision prefill
+        and a one-word answer never sees the compression). ``prefill_ms`` then times the first chunk.
+        """
         t0 = time.perf_counter()
+        answer_from_kv = bool(gen_kwargs.pop("answer_from_kv", False))
         items = self.encode(inputs)
         n_in = sum(it.n_original for it in items)
         for method in self.vision_methods:
@@ -409,6 +434,8 @@ class VLMAdapter:
         kwargs.setdefault("pad_token_id", self._pad_id())
         handle = self.model.register_forward_hook(on_forward)
         try:
+            if answer_from_kv and cache is not None:
+                self._prefill_head(gen_inputs, self.generation_prompt_length())
             out = self.model.generate(**gen_inputs, **kwargs, return_dict_in_generate=True)
         finally:
             handle.remove()
@@ -433,6 +460,23 @@ class VLMAdapter:
         }
         stats["decode_ms_per_token"] = stats["decode_ms"] / max(n_new - 1, 1)
         return GenerationResult(new_tokens=new, text=text, stats=stats, spans=spans)
+
+    def _prefill_head(self, gen_inputs: dict[str, Any], tail: int) -> None:
+        """Run the prompt minus its last ``tail`` tokens into ``gen_inputs["past_key_values"]`` (the KV methods
+        compress it), then all but the last prompt token one at a time; ``generate`` continues from that cache
+        with the last one. One token per forward because an eviction policy may keep a different number of
+        entries per layer, which a multi-token causal mask (built from layer 0's length) cannot describe."""
+        total = gen_inputs["input_ids"].shape[1]
+        cache = gen_inputs["past_key_values"]
+        start = total - tail
+        if start < 1:
+            return
+        for lo, hi in [(0, start), *((t, t + 1) for t in range(start, total - 1))]:
+            chunk = {k: gen_inputs[k][:, lo:hi] for k in ("inputs_embeds", "mm_token_type_ids") if k in gen_inputs}
+            chunk["attention_mask"] = gen_inputs["attention_mask"][:, :hi]
+            if "position_ids" in gen_inputs:
+                chunk["position_ids"] = gen_inputs["position_ids"][..., lo:hi]
+            self.model(**chunk, past_key_values=cache, use_cache=True)
 
     @staticmethod
     def vision_crops(inputs: BatchFeature) -> int:

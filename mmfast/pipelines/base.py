@@ -18,6 +18,8 @@ class VLMPipeline:
     Call with keyword inputs for one example (returns a dict) or with a list of dicts / a list in one of the
     keyword inputs for many (returns a list, with a tqdm bar). Generation kwargs (``max_new_tokens``,
     ``min_new_tokens``, ``do_sample``, ...) go to ``model.generate``; decoding is greedy by default.
+    ``answer_from_kv=True`` makes KV methods compress the prompt's cache before the generation prompt is fed, so
+    even the first answer token is read from the compressed cache (how the quality benchmarks score KV methods).
     """
 
     task: ClassVar[str] = ""

@@ -62,6 +62,7 @@ def evaluate_vlm(
     progress: bool = True,
     qtypes: Sequence[str] | None = None,
     control: str | None = None,
+    answer_from_kv: bool = True,
 ) -> dict[str, Any]:
     """Exact-match accuracy per question type on ``n_images`` images and ``n_clips`` clips of ``(split, seed)``.
 
@@ -75,6 +76,9 @@ def evaluate_vlm(
         control: a sanity control that hides the right image: ``"blank"`` (mid-grey images / clips) or
             ``"shuffled"`` (each question is asked about the next sample's image / clip). A model that reads the
             image then falls to about the majority baseline.
+        answer_from_kv: with a KV method attached, compress the prompt's cache *before* the chat template's
+            generation prompt is fed, so the answer (one or two words) is read from the compressed cache; otherwise
+            the first answer token comes from the full-precision prefill and KV compression could not change it.
 
     Returns:
         ``{"image": {qtype: acc, ..., "overall": acc}, "video": {...}, "majority": {"image": {...}, "video":
@@ -88,7 +92,7 @@ def evaluate_vlm(
     img_pipe, vid_pipe = _pipes(pipe)
     t0 = time.perf_counter()
     res: dict[str, Any] = {"majority": {}, "n": {}}
-    gen = {"max_new_tokens": max_new_tokens}
+    gen = {"max_new_tokens": max_new_tokens, "answer_from_kv": answer_from_kv}
 
     def keep(qa: D.QA) -> bool:
         return qtypes is None or qa.qtype in qtypes
