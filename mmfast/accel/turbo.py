@@ -623,16 +623,9 @@ class _Probe:
         self.key_calls.append(k)
 
     def keys(self, adapter: Any, inputs: Any, items: list[VisualTokens]) -> list[torch.Tensor | None]:
-        """Per item: (N, C) keys aligned with its tokens (zeros on layout tokens), or None."""
-        try:
-            maps = _map_to_layout(adapter, inputs, self.key_calls)
-        except Exception:  # an unexpected layout: the features stay the metric for this prompt
-            maps = []
-        out: list[torch.Tensor | None] = []
-        for i, item in enumerate(items):
-            m = maps[i] if i < len(maps) else None
-            out.append(m.to(item.features.device) if m is not None and m.shape[0] == len(item) else None)
-        return out
+        """Per item: (N, C) keys aligned with its tokens (zeros on layout tokens), or None (the features stay the
+        metric for that prompt)."""
+        return _aligned(adapter, inputs, self.key_calls, items)
 
     @torch.no_grad()
     def _map_hook(self, module: Any, args: tuple, output: Any) -> None:
@@ -658,19 +651,28 @@ class _Probe:
     def semantic(self, adapter: Any, inputs: Any, items: list[VisualTokens]) -> list[torch.Tensor | None]:
         """Per item: (N,) values aligned with its tokens (0 on layout tokens), summing to 1; None if the layout
         could not be matched."""
-        try:
-            maps = _map_to_layout(adapter, inputs, self.calls)
-        except Exception:  # an unexpected layout: fall back to redundancy only for this prompt
-            maps = []
         out: list[torch.Tensor | None] = []
-        for i, item in enumerate(items):
-            m = maps[i].flatten().float() if i < len(maps) else None
-            if m is None or m.numel() != len(item):
-                out.append(None)
-                continue
-            m = m.to(item.features.device).clamp_min(0) * (~item.layout_mask)
-            out.append(m / m.sum().clamp_min(1e-12))
+        for item, m in zip(items, _aligned(adapter, inputs, self.calls, items)):
+            if m is not None:  # None: redundancy only for this prompt
+                m = m.flatten().float().clamp_min(0) * (~item.layout_mask)
+                m = m / m.sum().clamp_min(1e-12)
+            out.append(m)
         return out
+
+
+def _aligned(adapter: Any, inputs: Any, calls: list[torch.Tensor], items: list[VisualTokens]) -> list[Any]:
+    """Per item: the probe values mapped onto its tokens (first dim = len(item)), or None if the layout of this
+    prompt could not be matched."""
+    try:
+        maps = _map_to_layout(adapter, inputs, calls)
+    except Exception:  # an unexpected layout
+        maps = []
+    out: list[torch.Tensor | None] = []
+    for i, item in enumerate(items):
+        m = maps[i] if i < len(maps) else None
+        ok = m is not None and m.shape[0] == len(item)
+        out.append(m.to(item.features.device) if ok else None)
+    return out
 
 
 def _map_to_layout(adapter: Any, inputs: Any, calls: list[torch.Tensor]) -> list[torch.Tensor]:
