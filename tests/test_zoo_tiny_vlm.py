@@ -205,3 +205,20 @@ def test_shipped_flex_checkpoint_answers_with_a_quarter_of_the_tokens():
             hits.append(out["answer"] == qa.answer)
     assert out["stats"]["visual_tokens_kept"] == TF.image_tokens(3) == 51  # 3 x 3 per crop, with the tile newlines
     assert np.mean(hits) >= 0.45, hits  # always-majority scores ~0.28
+
+
+@shipped
+def test_evaluate_vlm_reports_per_type_and_per_object_count_consistently():
+    from mmfast.zoo.evaluate import evaluate_vlm, format_report
+
+    res = evaluate_vlm(mmfast.pipeline("video-qa"), n_images=6, n_clips=2, progress=False)
+    for mod, samples in (("image", D.image_dataset("heldout", 6)), ("video", D.video_dataset("heldout", 2))):
+        by_n = res["by_objects"][mod]
+        counts = [len(s.scene.objects) if mod == "image" else len(s.clip.tracks) for s in samples]
+        per_sample = [len(s.questions) for s in samples]
+        expect = {str(k): sum(q for c, q in zip(counts, per_sample, strict=True) if c == k) for k in set(counts)}
+        assert {k: q for k, (_, q) in by_n.items()} == expect
+        assert sum(q for _, q in by_n.values()) == res["n"][mod]
+        overall = sum(a * q for a, q in by_n.values()) / res["n"][mod]
+        assert overall == pytest.approx(res[mod]["overall"])
+    assert "by number of objects" in format_report(res)

@@ -82,8 +82,9 @@ def evaluate_vlm(
 
     Returns:
         ``{"image": {qtype: acc, ..., "overall": acc}, "video": {...}, "majority": {"image": {...}, "video":
-        {...}}, "n": {"image": questions, "video": questions}, "seconds": wall time}``; a modality with no
-        samples is left out.
+        {...}}, "n": {"image": questions, "video": questions}, "by_objects": {"image": {"3": [acc, questions],
+        ...}, "video": {...}}, "seconds": wall time}`` (``by_objects``: accuracy by the number of objects in the
+        scene / clip); a modality with no samples is left out.
     """
     if n_images < 0 or n_clips < 0:
         raise ConfigError(f"n_images and n_clips must be >= 0, got {n_images}, {n_clips}")
@@ -91,7 +92,7 @@ def evaluate_vlm(
         raise ConfigError(f"control must be None, 'blank' or 'shuffled', got {control!r}")
     img_pipe, vid_pipe = _pipes(pipe)
     t0 = time.perf_counter()
-    res: dict[str, Any] = {"majority": {}, "n": {}}
+    res: dict[str, Any] = {"majority": {}, "n": {}, "by_objects": {}}
     gen = {"max_new_tokens": max_new_tokens, "answer_from_kv": answer_from_kv}
 
     def keep(qa: D.QA) -> bool:
@@ -99,33 +100,44 @@ def evaluate_vlm(
 
     if n_images:
         hits: dict[str, list[bool]] = {}
+        by_n: dict[int, list[bool]] = {}
         qas: list[D.QA] = []
         for i in tqdm(range(n_images), desc="image-qa eval", disable=not progress):
             s = D.image_sample(split, seed, i)
             image = _control(control, s.image, lambda i=i: D.image_sample(split, seed, i + 1).image)
             for qa in filter(keep, s.questions):
                 out = img_pipe(image=image, question=qa.question, **gen)
-                hits.setdefault(qa.qtype, []).append(out["answer"].strip() == qa.answer)
+                ok = out["answer"].strip() == qa.answer
+                hits.setdefault(qa.qtype, []).append(ok)
+                by_n.setdefault(len(s.scene.objects), []).append(ok)
                 qas.append(qa)
         res["image"] = _score(hits)
+        res["by_objects"]["image"] = _by_count(by_n)
         res["majority"]["image"] = D.majority_baseline(qas)
         res["n"]["image"] = len(qas)
     if n_clips and vid_pipe is not None:
-        hits = {}
-        qas = []
+        hits, by_n, qas = {}, {}, []
         for i in tqdm(range(n_clips), desc="video-qa eval", disable=not progress):
             c = D.clip_sample(split, seed, i, num_frames=num_frames)
             frames = _control(control, c.frames,
                               lambda i=i: D.clip_sample(split, seed, i + 1, num_frames=num_frames).frames)
             for qa in filter(keep, c.questions):
                 out = vid_pipe(video=frames, question=qa.question, num_frames=num_frames, **gen)
-                hits.setdefault(qa.qtype, []).append(out["answer"].strip() == qa.answer)
+                ok = out["answer"].strip() == qa.answer
+                hits.setdefault(qa.qtype, []).append(ok)
+                by_n.setdefault(len(c.clip.tracks), []).append(ok)
                 qas.append(qa)
         res["video"] = _score(hits)
+        res["by_objects"]["video"] = _by_count(by_n)
         res["majority"]["video"] = D.majority_baseline(qas)
         res["n"]["video"] = len(qas)
     res["seconds"] = round(time.perf_counter() - t0, 1)
     return res
+
+
+def _by_count(hits: dict[int, list[bool]]) -> dict[str, list[float]]:
+    """``{"n_objects": [accuracy, questions]}``, sorted by object count."""
+    return {str(k): [sum(v) / len(v), len(v)] for k, v in sorted(hits.items())}
 
 
 def format_report(res: dict[str, Any], title: str = "") -> str:
@@ -141,4 +153,7 @@ def format_report(res: dict[str, Any], title: str = "") -> str:
         for qt, acc in res[mod].items():
             m = maj.get(qt, float("nan"))
             lines.append(f"  {qt:10s} {acc:9.3f} {m:9.3f}")
+        by_n = res.get("by_objects", {}).get(mod)
+        if by_n:  # binding: one object is easy, several need each attribute tied to the right object
+            lines.append("  by number of objects: " + ", ".join(f"{k}: {a:.2f} ({q})" for k, (a, q) in by_n.items()))
     return "\n".join(lines)
