@@ -12,6 +12,7 @@ from PIL import Image
 
 import mmfast
 from mmfast import zoo
+from mmfast.errors import ConfigError
 from mmfast.zoo import data as D
 from mmfast.zoo import tiny_vlm as T
 
@@ -96,6 +97,13 @@ def test_tower_targets_follow_the_crops():
     obj = fine["object"][6:, :6].ravel() >= 0
     assert (t["region"][3][obj] == -100).all() and (t["region"][3][~obj] == 0).all()
     assert (t["geom_w"][1:, :, 2:] == 0).all() and (t["geom_w"][0, base["object"].ravel() >= 0] == 1).all()
+    # tile_position="blank": a tile's object cells are taught "no position" (region class 0, absolute position 0)
+    b = T.tower_targets(scene, tile_position="blank")
+    assert (b["region"][3][obj] == 0).all() and (b["geom_w"][3][obj, 2:] == 1).all()
+    assert (b["geom"][1:, :, 2:] == 0).all() and (b["geom"][3][obj, :2] == t["geom"][3][obj, :2]).all()
+    assert all(np.array_equal(b[k][0], t[k][0]) for k in t)  # the base view is unchanged
+    with pytest.raises(ConfigError):
+        T.tower_targets(scene, tile_position="guess")
 
 
 def test_multi_turn_sequence_matches_chat_template(tiny):

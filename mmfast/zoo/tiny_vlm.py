@@ -459,9 +459,14 @@ TOWER_CLASSES: dict[str, int] = {"color": 8, "shape": 7, "size": 3, "region": 6,
 TOWER_REGRESS = 4  # centre offset (dx, dy) in patches, object position (x, y) in [-1, 1]
 
 
-def _grid_targets(scene: D.Scene, grid: int, absolute: bool) -> dict[str, np.ndarray]:
-    """(grid, grid[, 4]) targets at one cell size; ``absolute=False`` (a tile, which cannot know where it sits in
-    the image) ignores the region class (-100) and the absolute position of object cells."""
+def _grid_targets(scene: D.Scene, grid: int, absolute: bool, tile_position: str = "ignore") -> dict[str, np.ndarray]:
+    """(grid, grid[, 4]) targets at one cell size. ``absolute=False`` is a tile, which cannot know where it sits in
+    the image: ``tile_position="ignore"`` leaves its object cells' region class (-100) and absolute position
+    unsupervised (the tower then answers as if the tile were the whole image); ``"blank"`` teaches it to say "no
+    position" there (region class 0, absolute position 0), so only the base view's tokens carry absolute-position
+    words into the language model (see :meth:`_Trainer._projector_from_head`)."""
+    if tile_position not in ("ignore", "blank"):
+        raise ConfigError(f"tile_position must be 'ignore' or 'blank', got {tile_position!r}")
     pl = D.patch_labels(scene, grid=grid)
     cell = scene.image_size / grid
     centre = np.zeros((grid, grid), np.int64)
@@ -473,23 +478,25 @@ def _grid_targets(scene: D.Scene, grid: int, absolute: bool) -> dict[str, np.nda
         m = pl["object"] == j
         geom[m, 0] = (o.x - (gx[m] + 0.5) * cell) / cell
         geom[m, 1] = (o.y - (gy[m] + 0.5) * cell) / cell
-        geom[m, 2] = 2.0 * o.x / scene.image_size - 1.0
-        geom[m, 3] = 2.0 * o.y / scene.image_size - 1.0
-        geom_w[m] = (1.0, 1.0, float(absolute), float(absolute))
+        if absolute:
+            geom[m, 2] = 2.0 * o.x / scene.image_size - 1.0
+            geom[m, 3] = 2.0 * o.y / scene.image_size - 1.0
+        blank = tile_position == "blank"
+        geom_w[m] = (1.0, 1.0, float(absolute or blank), float(absolute or blank))
     out = {k: pl[k] for k in ("color", "shape", "size", "region")}
     if not absolute:
-        out["region"] = np.where(pl["object"] >= 0, -100, 0)
+        out["region"] = np.where(pl["object"] >= 0, 0 if tile_position == "blank" else -100, 0)
     out["centre"], out["geom"], out["geom_w"] = centre, geom, geom_w
     return out
 
 
-def tower_targets(scene: D.Scene) -> dict[str, np.ndarray]:
+def tower_targets(scene: D.Scene, tile_position: str = "ignore") -> dict[str, np.ndarray]:
     """Per-patch targets of the 5 crops of one scene (base view, then the tiles in raster order), each (5, 36) or
     (5, 36, 4): the covering object's colour / shape / size / region (:func:`mmfast.zoo.data.patch_labels` at the
     crop's cell size), ``centre`` (1 on the patch holding an object's centre), ``geom`` (offset of that object's
     centre from the patch centre in patches, and its position in [-1, 1]) and ``geom_w`` (which geom entries count)."""
     base = _grid_targets(scene, VIEW_GRID, absolute=True)
-    fine = _grid_targets(scene, GRID, absolute=False)
+    fine = _grid_targets(scene, GRID, absolute=False, tile_position=tile_position)
     nt, v = IMAGE_SIZE // TOWER_SIZE, VIEW_GRID
     out = {}
     for k, b in base.items():
@@ -499,7 +506,8 @@ def tower_targets(scene: D.Scene) -> dict[str, np.ndarray]:
     return out
 
 
-def _tower_batch(split: str, seed: int, start: int, n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _tower_batch(split: str, seed: int, start: int, n: int, tile_position: str = "ignore"
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Crops (n * 5, 3, 48, 48) and stacked :func:`tower_targets` (n * 5, 36[, 4]) of images ``start .. start + n - 1``."""
     import torch
 
@@ -507,7 +515,7 @@ def _tower_batch(split: str, seed: int, start: int, n: int) -> tuple[torch.Tenso
     for i in range(start, start + n):
         scene = D.make_scene(D.sample_rng("image", split, seed, i), split)
         images.append(scene.image)
-        targets.append(tower_targets(scene))
+        targets.append(tower_targets(scene, tile_position))
     y = {k: torch.from_numpy(np.stack([t[k] for t in targets]).reshape(n * N_VIEWS, *targets[0][k].shape[1:]))
          for k in targets[0]}
     return image_pixels(np.stack(images)).flatten(0, 1), y
@@ -556,6 +564,7 @@ class Recipe:
     tower_steps: int = 2500
     tower_batch: int = 32  # images; x 5 crops
     tower_lr: float = 2e-3
+    tile_position: str = "ignore"  # tiles' absolute-position targets: "ignore" or "blank" (see _grid_targets)
     # stage 2: images; tower frozen
     image_steps: int = 3000
     image_batch: int = 16
@@ -935,7 +944,7 @@ class _Trainer:
         stats: dict[str, float] = {}
         with torch.autocast("cpu", torch.bfloat16):
             if st == "tower":
-                pix, y = _tower_batch("train", r.seed, step * r.tower_batch, r.tower_batch)
+                pix, y = _tower_batch("train", r.seed, step * r.tower_batch, r.tower_batch, r.tile_position)
                 loss, acc = self.head.loss(_tower(model, pix, grad=True), y)
                 stats.update({f"acc_{k}": v for k, v in acc.items()})
             else:
@@ -1045,7 +1054,7 @@ class _Trainer:
 
         if self.stage == "tower":
             self.model.eval()
-            pix, y = _tower_batch("heldout", self.r.eval_seed, 0, self.r.eval_images)
+            pix, y = _tower_batch("heldout", self.r.eval_seed, 0, self.r.eval_images, self.r.tile_position)
             with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
                 _, acc = self.head.loss(_tower(self.model, pix, grad=False), y)
             self.model.train()
