@@ -86,19 +86,20 @@ def test_fast_video_path_equals_processor_and_model(tiny):
 
 def test_tower_targets_follow_the_crops():
     scene = D.make_scene(D.sample_rng("image", "heldout", 0, 4), "heldout", n_objects=4)
-    t = T.tower_targets(scene)
+    t = T.tower_targets(scene, tile_position="ignore")
     assert t["color"].shape == (T.N_VIEWS, 36) and t["geom"].shape == (T.N_VIEWS, 36, 4)
     base, fine = D.patch_labels(scene, grid=6), D.patch_labels(scene, grid=12)
     assert np.array_equal(t["shape"][0], base["shape"].ravel())
     # tile 1 is the top-right quadrant: rows 0-5, columns 6-11 of the 8 px grid
     assert np.array_equal(t["shape"][2], fine["shape"][:6, 6:].ravel())
     assert np.array_equal(t["color"][4], fine["color"][6:, 6:].ravel())
-    # a tile does not know where it sits: region is ignored on its object cells, absolute position unweighted
+    # "ignore": a tile does not know where it sits, so region is ignored on its object cells, absolute position
+    # unweighted
     obj = fine["object"][6:, :6].ravel() >= 0
     assert (t["region"][3][obj] == -100).all() and (t["region"][3][~obj] == 0).all()
     assert (t["geom_w"][1:, :, 2:] == 0).all() and (t["geom_w"][0, base["object"].ravel() >= 0] == 1).all()
-    # tile_position="blank": a tile's object cells are taught "no position" (region class 0, absolute position 0)
-    b = T.tower_targets(scene, tile_position="blank")
+    # "blank" (the default): a tile's object cells are taught "no position" (region class 0, absolute position 0)
+    b = T.tower_targets(scene)
     assert (b["region"][3][obj] == 0).all() and (b["geom_w"][3][obj, 2:] == 1).all()
     assert (b["geom"][1:, :, 2:] == 0).all() and (b["geom"][3][obj, :2] == t["geom"][3][obj, :2]).all()
     assert all(np.array_equal(b[k][0], t[k][0]) for k in t)  # the base view is unchanged

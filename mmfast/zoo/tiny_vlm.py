@@ -23,8 +23,11 @@ Training recipe (:func:`train`, ``mmfast zoo train tiny-vlm``), three stages, al
 
 1. ``tower``: the vision tower alone with dense per-patch targets (colour, shape, size, region, object centre,
    centre offset and position of the covering object) through a linear head on the very features the projector
-   reads, on all 5 crops of each image (a tile is not told where it sits, so its region / position targets are
-   ignored). A from-scratch VLM never learns shape at free (off-grid) positions; direct per-patch supervision does.
+   reads, on all 5 crops of each image. A tile cannot know where it sits in the image, so its object patches are
+   taught "no position" (``Recipe.tile_position="blank"``): absolute position then reaches the language model
+   from the base view only, and a question about one object reads that object's place (left unsupervised, the
+   tiles answered as if each were the whole image and held-out position accuracy fell as 1 / number of objects).
+   A from-scratch VLM never learns shape at free (off-grid) positions; direct per-patch supervision does.
 2. ``image``: tower frozen; projector + newline (higher LR) + language model from scratch on multi-turn sequences
    (up to 10 QAs and the dense description per image, so 192 visual tokens are amortised over ~20 supervised
    tokens), answers-only loss, a 1 -> 6 objects curriculum.
@@ -459,7 +462,7 @@ TOWER_CLASSES: dict[str, int] = {"color": 8, "shape": 7, "size": 3, "region": 6,
 TOWER_REGRESS = 4  # centre offset (dx, dy) in patches, object position (x, y) in [-1, 1]
 
 
-def _grid_targets(scene: D.Scene, grid: int, absolute: bool, tile_position: str = "ignore") -> dict[str, np.ndarray]:
+def _grid_targets(scene: D.Scene, grid: int, absolute: bool, tile_position: str = "blank") -> dict[str, np.ndarray]:
     """(grid, grid[, 4]) targets at one cell size. ``absolute=False`` is a tile, which cannot know where it sits in
     the image: ``tile_position="ignore"`` leaves its object cells' region class (-100) and absolute position
     unsupervised (the tower then answers as if the tile were the whole image); ``"blank"`` teaches it to say "no
@@ -490,7 +493,7 @@ def _grid_targets(scene: D.Scene, grid: int, absolute: bool, tile_position: str 
     return out
 
 
-def tower_targets(scene: D.Scene, tile_position: str = "ignore") -> dict[str, np.ndarray]:
+def tower_targets(scene: D.Scene, tile_position: str = "blank") -> dict[str, np.ndarray]:
     """Per-patch targets of the 5 crops of one scene (base view, then the tiles in raster order), each (5, 36) or
     (5, 36, 4): the covering object's colour / shape / size / region (:func:`mmfast.zoo.data.patch_labels` at the
     crop's cell size), ``centre`` (1 on the patch holding an object's centre), ``geom`` (offset of that object's
@@ -506,7 +509,7 @@ def tower_targets(scene: D.Scene, tile_position: str = "ignore") -> dict[str, np
     return out
 
 
-def _tower_batch(split: str, seed: int, start: int, n: int, tile_position: str = "ignore"
+def _tower_batch(split: str, seed: int, start: int, n: int, tile_position: str = "blank"
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Crops (n * 5, 3, 48, 48) and stacked :func:`tower_targets` (n * 5, 36[, 4]) of images ``start .. start + n - 1``."""
     import torch
@@ -564,7 +567,11 @@ class Recipe:
     tower_steps: int = 2500
     tower_batch: int = 32  # images; x 5 crops
     tower_lr: float = 2e-3
-    tile_position: str = "ignore"  # tiles' absolute-position targets: "ignore" or "blank" (see _grid_targets)
+    # tiles cannot know where they sit: "blank" teaches them "no position", so absolute-position words reach the
+    # language model from the base view only; "ignore" (the first checkpoint) left them unsupervised, the tower
+    # answered as if each tile were the whole image, and the LM learned to read a place regardless of which object
+    # was asked about (position accuracy fell as 1 / number of objects)
+    tile_position: str = "blank"
     # stage 2: images; tower frozen
     image_steps: int = 3000
     image_batch: int = 16
@@ -572,9 +579,6 @@ class Recipe:
     qas_per_image: int = 16
     desc_first: float = 0.2  # fraction of sequences that are only the description turn (as captioning asks)
     # stage 3: images + 16-frame clips
-    # the shipped checkpoint: its first 1139 stage-2 steps ran under the schedule of image_steps=1800 /
-    # joint_steps=1200 (extended when the 48 px geometry learned slower than the 96 px one had); a fresh run with
-    # these defaults differs only by that stretch's faster LR decay
     joint_steps: int = 2000
     joint_image_batch: int = 8
     joint_video_batch: int = 4
@@ -1203,7 +1207,7 @@ def plot_curves(log_path: str | Path, png_path: str | Path) -> Path:
         if "eval" in rec:
             evals[(_stage_index(rec["stage"]), rec["step"])] = rec
     offsets, acc = {}, 0
-    for s in STAGES:
+    for s in STAGES[1:]:  # the VLM steps of stages 2-3 (the tower has its own panel)
         offsets[s] = acc
         acc += max([st for (i, st) in evals if STAGES[i] == s], default=0)
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(13, 4.5))
