@@ -476,6 +476,7 @@ def _grid_targets(scene: D.Scene, grid: int, absolute: bool, tile_position: str 
     geom = np.zeros((grid, grid, TOWER_REGRESS), np.float32)
     geom_w = np.zeros((grid, grid, TOWER_REGRESS), np.float32)
     gy, gx = np.mgrid[0:grid, 0:grid]
+    blank = tile_position == "blank"
     for j, o in enumerate(scene.objects):
         centre[min(grid - 1, int(o.y // cell)), min(grid - 1, int(o.x // cell))] = 1
         m = pl["object"] == j
@@ -484,11 +485,10 @@ def _grid_targets(scene: D.Scene, grid: int, absolute: bool, tile_position: str 
         if absolute:
             geom[m, 2] = 2.0 * o.x / scene.image_size - 1.0
             geom[m, 3] = 2.0 * o.y / scene.image_size - 1.0
-        blank = tile_position == "blank"
         geom_w[m] = (1.0, 1.0, float(absolute or blank), float(absolute or blank))
     out = {k: pl[k] for k in ("color", "shape", "size", "region")}
     if not absolute:
-        out["region"] = np.where(pl["object"] >= 0, 0 if tile_position == "blank" else -100, 0)
+        out["region"] = np.where(pl["object"] >= 0, 0 if blank else -100, 0)
     out["centre"], out["geom"], out["geom_w"] = centre, geom, geom_w
     return out
 
