@@ -39,6 +39,10 @@ def _ratio(r: Row, _b: Row) -> float:
 
 
 TARGETS = [
+    Target(3, "tiny-vlm-heldout.json", r"^image$", "tiny-vlm held-out image QA >= 85%",
+           lambda r, b: r["accuracy"] >= 0.85, lambda r, b: r["accuracy"]),
+    Target(3, "tiny-vlm-heldout.json", r"^video$", "tiny-vlm held-out video QA >= 75%",
+           lambda r, b: r["accuracy"] >= 0.75, lambda r, b: r["accuracy"]),
     Target(2, "vlm-speed-vision.json", r"^pool\(factor=2\)$", "prefill speed-up / ideal", lambda r, b: True, _ratio),
     Target(5, "vlm-speed-vision.json", r"^(turbo|tokenflex)\(keep=0\.25\)$", "prefill speed-up >= 0.8 x ideal at 25%",
            lambda r, b: _ratio(r, b) >= 0.8, _ratio),
@@ -80,6 +84,14 @@ def _steps(base: Row, method: str) -> float:
     return next(r["steps"] for r in base["_rows"] if r["method"] == method)
 
 
+def _rows(data: dict[str, Any]) -> list[Row]:
+    """A bench result's rows; a ``mmfast zoo eval --json`` result becomes one row per modality (+ a baseline)."""
+    if "rows" in data:
+        return data["rows"]
+    return [{"method": "baseline"}] + [{"method": m, "accuracy": data[m]["overall"]} for m in ("image", "video")
+                                       if m in data]
+
+
 def _baseline(rows: list[Row], row: Row) -> Row | None:
     for b in rows:
         if b["method"] == "baseline" and b.get("input") == row.get("input") and b.get("model", "") == row.get(
@@ -100,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             print(f"#{t.issue} {t.what}: no {t.file} yet")
             continue
-        rows = json.loads(path.read_text())["rows"]
+        rows = _rows(json.loads(path.read_text()))
         for r in rows:
             if not re.search(t.rows, r["method"]) or (t.input and r.get("input") != t.input):
                 continue

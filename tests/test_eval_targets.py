@@ -27,3 +27,13 @@ def test_pass_and_miss(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "MISS SJD step compression" in out and "MISS wall-clock" in out
     assert targets.main(["--results", str(tmp_path)]) == 0  # report only
+
+
+def test_zoo_eval_json_is_checked_per_modality(tmp_path, capsys):
+    # the shape `mmfast zoo eval --json` writes: per-type accuracies + "overall" for each modality
+    res = {"image": {"color": 0.9, "overall": 0.86}, "video": {"count": 0.8, "overall": 0.74}}
+    (tmp_path / "tiny-vlm-heldout.json").write_text(json.dumps(res))
+    assert targets.main(["--results", str(tmp_path), "--strict"]) == 1
+    out = capsys.readouterr().out
+    assert "PASS tiny-vlm held-out image QA >= 85%: image = 0.860" in out
+    assert "MISS tiny-vlm held-out video QA >= 75%: video = 0.740" in out

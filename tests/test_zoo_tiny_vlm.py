@@ -139,7 +139,8 @@ def test_tower_targets_consistent_with_patch_labels():
 
 def _micro_recipe() -> T.Recipe:
     return T.Recipe(size="tiny", tower_steps=3, tower_batch=4, image_steps=3, image_batch=2, curriculum_steps=1,
-                    joint_steps=2, joint_image_batch=1, joint_video_batch=1, warmup=1, eval_every=3, eval_images=2,
+                    joint_steps=2, joint_image_batch=1, joint_video_batch=1, video_steps=2, video_image_batch=1,
+                    video_video_batch=1, warmup=1, eval_every=3, eval_images=2,
                     eval_clips=1, qas_per_image=3, qas_per_clip=3)
 
 
@@ -156,17 +157,18 @@ def test_smoke_training_writes_a_loadable_model(tmp_path):
         T.train(work_dir=tmp_path / "work", recipe=_micro_recipe(), progress=False, log=lambda s: None)
 
 
-def test_checkpoint_resume_restores_model_and_optimizer(tmp_path):
+@pytest.mark.parametrize("stage", ["image", "video"])
+def test_checkpoint_resume_restores_model_and_optimizer(tmp_path, stage):
     r = _micro_recipe()
     tr = T._Trainer(r, tmp_path, log=lambda s: None, progress=False)
-    tr.stage_i = T.STAGES.index("image")
+    tr.stage_i = T.STAGES.index(stage)
     tr._new_optimizer()
     for _ in range(2):
         tr._train_step()
         tr.step += 1
     tr.save()
     back = T._Trainer(r, tmp_path, log=lambda s: None, progress=False)
-    assert back.load() and (back.stage, back.step) == ("image", 2)
+    assert back.load() and (back.stage, back.step) == (stage, 2)
     for (k, a), b in zip(tr.model.state_dict().items(), back.model.state_dict().values()):
         assert torch.equal(a, b), k
     pa = [p for g in tr.opt.param_groups for p in g["params"]]
