@@ -32,7 +32,7 @@ Training recipe (:func:`train`, ``mmfast zoo train tiny-vlm``), four stages, all
    (up to 10 QAs and the dense description per image, so 192 visual tokens are amortised over ~20 supervised
    tokens), answers-only loss, a 1 -> 6 objects curriculum.
 3. ``joint``: images and 16-frame clips (video QA + the clip's dense description) together.
-4. ``video``: a second, lower cosine with three times the clips per step (and images, so image skills stay).
+4. ``video``: a second, lower cosine with half of each batch clips (6 clips + 6 images per step; stage 3: 4 + 8).
    Video was under-fit at the end of stage 3 (training-stream accuracy no better than held-out), and the
    questions that need time (when, order, direction) stayed near chance.
 
@@ -591,7 +591,7 @@ class Recipe:
     video_image_batch: int = 6
     video_video_batch: int = 6
     video_lr: float = 0.5  # x lm_lr / projector_lr at the start of stage 4, then cosine to 10% of that
-    # optimisation (stages 2-3)
+    # optimisation (stages 2-4)
     lm_lr: float = 1e-3
     projector_lr: float = 3e-3
     projector_from_head: bool = True  # see _Trainer._projector_from_head
