@@ -17,6 +17,9 @@
   ``retained_vs_own_baseline`` is relative to it). KV methods answer from their compressed cache
   (``answer_from_kv``): the prompt up to the chat template's generation prompt is prefilled and compressed, then
   the generation prompt is fed, so the one- or two-word answers are decoded entirely over the compressed cache.
+  ZipVL rows add ``important_ratio`` (p / n averaged over layers and 20 held-out samples). ``video-quality --opt
+  num_frames=32 --opt hold=4`` is the long-video variant: 32-frame clips with each frame shown 4 times (128
+  frames, 1153 visual tokens; the same events and answers, the redundancy of a long high-frame-rate recording).
 
 With no ``--accelerate``, the vision suites run :data:`VISION_METHODS`.
 """
@@ -66,6 +69,19 @@ def _zipvl_extras(pipe: Any) -> dict[str, Any]:
         if getattr(acc, "name", "") == "zipvl" and acc.ratios:
             return {"layer_ratios": [acc.ratios[i] for i in sorted(acc.ratios)], "probe_rows": dict(acc.probe_rows)}
     return {}
+
+
+def _zipvl_ratio(pipe: Any, calls: list[dict[str, Any]]) -> dict[str, Any]:
+    """``important_ratio``: ZipVL's p / n averaged over layers and over ``calls`` (pipeline kwargs); {} without
+    ZipVL."""
+    if not any(getattr(a, "name", "") == "zipvl" for a in pipe.accelerate):
+        return {}
+    ratios = []
+    for kw in calls:
+        pipe(**kw, max_new_tokens=1, answer_from_kv=True)  # the prefill the evaluation compresses
+        lr = _zipvl_extras(pipe)["layer_ratios"]
+        ratios.append(sum(lr) / len(lr))
+    return {"important_ratio": round(sum(ratios) / len(ratios), 3)}
 
 
 def _zipvl_prefill_flops(adapter: Any, stats: dict[str, Any]) -> float:
@@ -157,15 +173,21 @@ def vlm_speed(
     return rows
 
 
-def _quality(modality: str, methods: list[str], n: int, seed: int = 0) -> list[dict[str, Any]]:
+def _quality(
+    modality: str, methods: list[str], n: int, seed: int = 0, num_frames: int | None = None, hold: int = 1
+) -> list[dict[str, Any]]:
     """Held-out exact-match accuracy of tiny-vlm per method; ``tokenflex`` rows run on tiny-vlm-flex (the
-    checkpoint trained for it), whose own full-count row is reported beside them."""
+    checkpoint trained for it), whose own full-count row is reported beside them. Video: clips of ``num_frames``
+    (default: tiny-vlm's 16), each frame shown ``hold`` times (a long video, see :func:`evaluate_vlm`)."""
+    import numpy as np
+
     import mmfast
     from mmfast.zoo import data as D
     from mmfast.zoo.evaluate import evaluate_vlm
     from mmfast.zoo.tiny_vlm import NUM_FRAMES
 
     methods = list(methods) or list(VISION_METHODS)
+    num_frames = num_frames or NUM_FRAMES
     task = "image-qa" if modality == "image" else "video-qa"
     counts = {"n_images": n, "n_clips": 0} if modality == "image" else {"n_images": 0, "n_clips": n}
     base = {"tiny-vlm": mmfast.pipeline(task, model="tiny-vlm")}
@@ -173,18 +195,28 @@ def _quality(modality: str, methods: list[str], n: int, seed: int = 0) -> list[d
         base["tiny-vlm-flex"] = mmfast.pipeline(task, model="tiny-vlm-flex")
     rows: list[dict[str, Any]] = []
     own: dict[str, float] = {}  # baseline accuracy of each model
-    sample = D.image_sample("heldout", seed, 0) if modality == "image" else D.clip_sample("heldout", seed, 0, num_frames=NUM_FRAMES)
-    media = {"image": sample.image} if modality == "image" else {"video": sample.frames, "num_frames": NUM_FRAMES}
+
+    def inputs(i: int) -> dict[str, Any]:
+        """Pipeline kwargs for held-out sample i and its first question."""
+        if modality == "image":
+            s = D.image_sample("heldout", seed, i)
+            media: dict[str, Any] = {"image": s.image}
+        else:
+            s = D.clip_sample("heldout", seed, i, num_frames=num_frames)
+            media = {"video": np.repeat(np.asarray(s.frames), hold, axis=0), "num_frames": num_frames * hold}
+        return {**media, "question": s.questions[0].question if s.questions else "what is this?"}
+
+    ratio_calls = [inputs(i) for i in range(min(n, 20))]  # ZipVL's important ratio is averaged over these
     for spec in ["baseline", *(["baseline@tiny-vlm-flex"] if "tiny-vlm-flex" in base else []), *methods]:
         model = "tiny-vlm-flex" if spec.startswith("tokenflex") or spec.endswith("@tiny-vlm-flex") else "tiny-vlm"
         p = base[model]
         acc_spec = None if spec.startswith("baseline") else spec
         pipe = type(p)(p.adapter, mmfast.accel.resolve(acc_spec), p.model_name)
-        res = evaluate_vlm(pipe, split="heldout", seed=seed, num_frames=NUM_FRAMES, progress=False, **counts)
+        res = evaluate_vlm(pipe, split="heldout", seed=seed, num_frames=num_frames, hold=hold, progress=False, **counts)
         acc = res[modality]["overall"]
         if acc_spec is None:
             own[model] = acc
-        st = pipe(question=sample.questions[0].question if sample.questions else "what is this?", **media)["stats"]
+        st = pipe(**ratio_calls[0])["stats"]
         if acc_spec is None and model == "tiny-vlm":
             # the KV a bf16 deployment of the baseline holds: same entries, 2 bytes each
             elem = next(p.adapter.model.parameters()).element_size()
@@ -201,6 +233,8 @@ def _quality(modality: str, methods: list[str], n: int, seed: int = 0) -> list[d
             kv_ratio_bf16=round(st["kv_bytes"] / base_kv_bf16, 4),
             questions=res["n"][modality],
             per_type={k: round(v, 4) for k, v in res[modality].items() if k != "overall"},
+            **({"frames": num_frames * hold} if modality == "video" else {}),
+            **_zipvl_ratio(pipe, ratio_calls),
         ))
     return rows
 
@@ -211,5 +245,7 @@ def vlm_quality(methods: list[str], repeats: int, n_images: int = 200, **_: Any)
 
 
 @suite("video-quality", "held-out 16-frame video QA accuracy of tiny-vlm (tokenflex: tiny-vlm-flex) per vision method")
-def video_quality(methods: list[str], repeats: int, n_clips: int = 100, **_: Any) -> list[dict[str, Any]]:
-    return _quality("video", methods, n_clips)
+def video_quality(
+    methods: list[str], repeats: int, n_clips: int = 100, num_frames: int | None = None, hold: int = 1, **_: Any
+) -> list[dict[str, Any]]:
+    return _quality("video", methods, n_clips, num_frames=num_frames, hold=hold)

@@ -233,3 +233,35 @@ def test_evaluate_vlm_reports_per_type_and_per_object_count_consistently():
         overall = sum(a * q for a, q in by_n.values()) / res["n"][mod]
         assert overall == pytest.approx(res[mod]["overall"])
     assert "by number of objects" in format_report(res)
+
+
+@shipped
+def test_evaluate_vlm_hold_shows_each_frame_hold_times(monkeypatch):
+    from mmfast.errors import ConfigError
+    from mmfast.pipelines.video_qa import VideoQAPipeline
+    from mmfast.zoo.evaluate import evaluate_vlm
+
+    calls = []
+    monkeypatch.setattr(VideoQAPipeline, "__call__", lambda self, **kw: calls.append(kw) or {"answer": "", "stats": {}})
+    evaluate_vlm(mmfast.pipeline("video-qa"), n_images=0, n_clips=1, hold=3, progress=False)
+    clip = np.asarray(D.clip_sample("heldout", 0, 0, num_frames=16).frames)
+    assert calls and all(kw["num_frames"] == 48 for kw in calls)
+    video = np.asarray(calls[0]["video"])
+    assert video.shape == (48, *clip.shape[1:])
+    for k in range(3):  # frame t is shown at 3t, 3t + 1, 3t + 2: the same events, three times as many frames
+        np.testing.assert_array_equal(video[k::3], clip)
+    with pytest.raises(ConfigError, match="hold"):
+        evaluate_vlm(mmfast.pipeline("video-qa"), n_images=0, n_clips=1, hold=0, progress=False)
+
+
+@shipped
+def test_video_quality_long_variant_reports_frames_and_zipvl_ratio():
+    from mmfast.bench_suites import video_quality
+
+    rows = video_quality(["zipvl(tau=1.0,mode='evict')", "zipvl(ratio=0.5)"], repeats=1, n_clips=1, num_frames=8, hold=2)
+    base, full, half = rows
+    assert [r["frames"] for r in rows] == [16, 16, 16]
+    assert base["visual_tokens"] == 16 * 9 + 1  # 8 frames shown twice: 3 x 3 tokens per frame + the newline
+    assert "important_ratio" not in base and full["important_ratio"] == 1.0
+    assert half["important_ratio"] == pytest.approx(0.5, abs=0.01)
+    assert full["accuracy"] == base["accuracy"]  # tau = 1 with eviction keeps every token: the baseline

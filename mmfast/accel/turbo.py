@@ -36,12 +36,12 @@ Deployment paths (``path="auto"``: in-ViT for CLIP towers, else post-encoder; ``
   instead of getting a log-size attention bias, which the LLM's attention cannot take).
 
 Why ``auto`` keeps the post path for LLaVA-OneVision: on the tiny-vlm yardstick (``mmfast bench vlm-quality``,
-626 questions; baseline 0.871, pool(factor=2) 0.826, random(keep=0.25) 0.712) the SigLIP in-ViT path scored
-0.658 at keep=0.25 against 0.760 for the post path; keep=0.5: 0.741 vs 0.781; keep=0.125: 0.516 vs 0.668. The
+626 questions; baseline 0.867, pool(factor=2) 0.829, random(keep=0.25) 0.714) the SigLIP in-ViT path scored
+0.650 at keep=0.25 against 0.770 for the post path; keep=0.5: 0.736 vs 0.773; keep=0.125: 0.519 vs 0.706. The
 tower has 36 patches per crop and 4 layers, far from the reference's regime (577 tokens, ``r_threshold=40`` would
 not even merge a 36-token crop), and it has no class token, so the semantic value is a stand-in (below).
-``metric="keys"`` on the post path scored 0.759, ``semantic="none"`` 0.673, ``alpha=16.7`` 0.768. Turbo trails
-pool here (0.760 vs 0.826 at 25%): global bipartite matching merges look-alike objects, which counting needs apart,
+``metric="keys"`` on the post path scored 0.770, ``semantic="none"`` 0.685, ``alpha=16.7`` 0.765. Turbo trails
+pool here (0.770 vs 0.829 at 25%): global bipartite matching merges look-alike objects, which counting needs apart,
 while pooling only averages neighbours.
 
 Semantic value where there is no class token (SigLIP in LLaVA-OneVision, Qwen's ViT). Post path:

@@ -58,6 +58,7 @@ def evaluate_vlm(
     n_clips: int = 500,
     seed: int = 0,
     num_frames: int = 16,
+    hold: int = 1,
     max_new_tokens: int = 4,
     progress: bool = True,
     qtypes: Sequence[str] | None = None,
@@ -71,6 +72,8 @@ def evaluate_vlm(
             pipeline sharing its model and accelerators (videos are skipped for image-only models).
         split, seed: the data stream (:func:`mmfast.zoo.data.image_dataset`); ``"heldout"`` for reported numbers.
         num_frames: frames per clip (8-32), all passed to the model (the pipeline samples ``num_frames`` of them).
+        hold: show each frame ``hold`` times in a row: a long video of ``num_frames * hold`` frames with the same
+            events and answers (the temporal redundancy of a long recording at a high frame rate).
         max_new_tokens: answers are one or two words + end of turn.
         qtypes: restrict to these question types (default: all).
         control: a sanity control that hides the right image: ``"blank"`` (mid-grey images / clips) or
@@ -88,6 +91,8 @@ def evaluate_vlm(
     """
     if n_images < 0 or n_clips < 0:
         raise ConfigError(f"n_images and n_clips must be >= 0, got {n_images}, {n_clips}")
+    if not isinstance(hold, int) or hold < 1:
+        raise ConfigError(f"hold must be an integer >= 1, got {hold!r}")
     if control not in (None, "blank", "shuffled"):
         raise ConfigError(f"control must be None, 'blank' or 'shuffled', got {control!r}")
     img_pipe, vid_pipe = _pipes(pipe)
@@ -121,8 +126,10 @@ def evaluate_vlm(
             c = D.clip_sample(split, seed, i, num_frames=num_frames)
             frames = _control(control, c.frames,
                               lambda i=i: D.clip_sample(split, seed, i + 1, num_frames=num_frames).frames)
+            if hold > 1:
+                frames = np.repeat(np.asarray(frames), hold, axis=0)
             for qa in filter(keep, c.questions):
-                out = vid_pipe(video=frames, question=qa.question, num_frames=num_frames, **gen)
+                out = vid_pipe(video=frames, question=qa.question, num_frames=num_frames * hold, **gen)
                 ok = out["answer"].strip() == qa.answer
                 hits.setdefault(qa.qtype, []).append(ok)
                 by_n.setdefault(len(c.clip.tracks), []).append(ok)

@@ -32,7 +32,7 @@ Training recipe (:func:`train`, ``mmfast zoo train tiny-vlm``), four stages, all
    (up to 10 QAs and the dense description per image, so 192 visual tokens are amortised over ~20 supervised
    tokens), answers-only loss, a 1 -> 6 objects curriculum.
 3. ``joint``: images and 16-frame clips (video QA + the clip's dense description) together.
-4. ``video``: a second, lower cosine with half of each batch clips (6 clips + 6 images per step; stage 3: 4 + 8).
+4. ``video``: a second, lower cosine with mostly clips (10 clips + 2 images per step; stage 3: 4 + 8).
    Video was under-fit at the end of stage 3 (training-stream accuracy no better than held-out), and the
    questions that need time (when, order, direction) stayed near chance.
 
@@ -587,9 +587,9 @@ class Recipe:
     joint_video_batch: int = 4
     qas_per_clip: int = 12
     # stage 4: more clips (images too, so image skills stay), a second cosine; stage 3 ended with video under-fit
-    video_steps: int = 3000
-    video_image_batch: int = 6
-    video_video_batch: int = 6
+    video_steps: int = 3500
+    video_image_batch: int = 2
+    video_video_batch: int = 10
     video_lr: float = 0.5  # x lm_lr / projector_lr at the start of stage 4, then cosine to 10% of that
     # optimisation (stages 2-4)
     lm_lr: float = 1e-3
