@@ -217,6 +217,8 @@ def zoo_eval(
     model: str | None = typer.Option(None, "--model", "-m", help="evaluate this checkpoint directory instead"),
     json_path: Path | None = typer.Option(None, "--json", help="also write the results as JSON here"),
     control: str | None = typer.Option(None, help="sanity control: blank or shuffled images (expect ~majority)"),
+    num_frames: int = typer.Option(16, help="frames per clip (8-32)"),
+    hold: int = typer.Option(1, help="show each frame this many times: a long video with the same answers"),
 ) -> None:
     """Held-out accuracy per question type (images and videos) through the real pipeline, with the majority
     baseline beside it. tiny-ar: class consistency and Fréchet distance to held-out digits (seed = sampling seed)."""
@@ -240,9 +242,12 @@ def zoo_eval(
     n = 1000 if n is None else n
     pipe = mmfast.pipeline("image-qa", model=model or name, accelerate=accelerate)
     clips = n // 2 if n_clips is None else n_clips
-    res = evaluate_vlm(pipe, split=split, n_images=n, n_clips=clips, seed=seed, control=control)
+    res = evaluate_vlm(pipe, split=split, n_images=n, n_clips=clips, seed=seed, control=control,
+                       num_frames=num_frames, hold=hold)
     res["model"], res["accelerate"], res["split"], res["seed"] = model or name, pipe.accelerate.spec(), split, seed
+    res["num_frames"], res["hold"] = num_frames, hold
     ctl = f", control={control}" if control else ""
+    ctl += f", {num_frames} frames" + (f" x {hold}" if hold > 1 else "") if clips else ""
     typer.echo(format_report(res, title=f"{model or name} [{pipe.accelerate.spec()}] on {split} (seed {seed}{ctl}), "
                                         f"{res['seconds']:.0f} s"))
     if json_path is not None:

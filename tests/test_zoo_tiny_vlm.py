@@ -265,3 +265,22 @@ def test_video_quality_long_variant_reports_frames_and_zipvl_ratio():
     assert "important_ratio" not in base and full["important_ratio"] == 1.0
     assert half["important_ratio"] == pytest.approx(0.5, abs=0.01)
     assert full["accuracy"] == base["accuracy"]  # tau = 1 with eviction keeps every token: the baseline
+
+
+@shipped
+def test_zoo_eval_cli_takes_clip_length_and_hold(tmp_path):
+    from typer.testing import CliRunner
+
+    from mmfast.cli import app
+    from mmfast.errors import ConfigError
+
+    out = tmp_path / "eval.json"
+    args = ["zoo", "eval", "tiny-vlm", "--n", "1", "--n-clips", "1", "--num-frames", "8", "--hold", "2", "--json", str(out)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "8 frames x 2" in res.output
+    got = json.loads(out.read_text())
+    assert (got["num_frames"], got["hold"]) == (8, 2)
+    assert got["n"]["video"] == len(D.clip_sample("heldout", 0, 0, num_frames=8).questions)
+    bad = CliRunner().invoke(app, ["zoo", "eval", "tiny-vlm", "--n", "0", "--n-clips", "1", "--hold", "0"])
+    assert isinstance(bad.exception, ConfigError) and "hold must be an integer >= 1" in str(bad.exception)
