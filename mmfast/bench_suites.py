@@ -20,6 +20,7 @@
   ZipVL rows add ``important_ratio`` (p / n averaged over layers and 20 held-out samples). ``video-quality --opt
   num_frames=32 --opt hold=4`` is the long-video variant: 32-frame clips with each frame shown 4 times (128
   frames, 1153 visual tokens; the same events and answers, the redundancy of a long high-frame-rate recording).
+  ``--opt model=DIR`` measures another checkpoint of tiny-vlm (e.g. a fine-tune) in its place.
 
 With no ``--accelerate``, the vision suites run :data:`VISION_METHODS`.
 """
@@ -174,11 +175,18 @@ def vlm_speed(
 
 
 def _quality(
-    modality: str, methods: list[str], n: int, seed: int = 0, num_frames: int | None = None, hold: int = 1
+    modality: str,
+    methods: list[str],
+    n: int,
+    seed: int = 0,
+    num_frames: int | None = None,
+    hold: int = 1,
+    model: str = "tiny-vlm",
 ) -> list[dict[str, Any]]:
-    """Held-out exact-match accuracy of tiny-vlm per method; ``tokenflex`` rows run on tiny-vlm-flex (the
-    checkpoint trained for it), whose own full-count row is reported beside them. Video: clips of ``num_frames``
-    (default: tiny-vlm's 16), each frame shown ``hold`` times (a long video, see :func:`evaluate_vlm`)."""
+    """Held-out exact-match accuracy of tiny-vlm (or ``model``: another checkpoint of it, e.g. a fine-tune) per
+    method; ``tokenflex`` rows run on tiny-vlm-flex (the checkpoint trained for it), whose own full-count row is
+    reported beside them. Video: clips of ``num_frames`` (default: tiny-vlm's 16), each frame shown ``hold`` times
+    (a long video, see :func:`evaluate_vlm`)."""
     import numpy as np
 
     import mmfast
@@ -190,7 +198,7 @@ def _quality(
     num_frames = num_frames or NUM_FRAMES
     task = "image-qa" if modality == "image" else "video-qa"
     counts = {"n_images": n, "n_clips": 0} if modality == "image" else {"n_images": 0, "n_clips": n}
-    base = {"tiny-vlm": mmfast.pipeline(task, model="tiny-vlm")}
+    base = {"tiny-vlm": mmfast.pipeline(task, model=model)}  # keyed "tiny-vlm" whatever checkpoint it is
     if any(m.strip().startswith("tokenflex") for m in methods):
         base["tiny-vlm-flex"] = mmfast.pipeline(task, model="tiny-vlm-flex")
     rows: list[dict[str, Any]] = []
@@ -224,7 +232,7 @@ def _quality(
         rows.append(row(
             "baseline" if acc_spec is None else spec,
             input=modality,
-            model=model,
+            model=p.model_name,
             accuracy=acc,
             accuracy_retained=acc / own["tiny-vlm"] if own["tiny-vlm"] else None,  # vs the tiny-vlm baseline
             retained_vs_own_baseline=acc / own[model] if own.get(model) else None,
@@ -240,12 +248,20 @@ def _quality(
 
 
 @suite("vlm-quality", "held-out image QA accuracy of tiny-vlm (tokenflex: tiny-vlm-flex) per vision method")
-def vlm_quality(methods: list[str], repeats: int, n_images: int = 200, **_: Any) -> list[dict[str, Any]]:
-    return _quality("image", methods, n_images)
+def vlm_quality(
+    methods: list[str], repeats: int, n_images: int = 200, model: str = "tiny-vlm", **_: Any
+) -> list[dict[str, Any]]:
+    return _quality("image", methods, n_images, model=model)
 
 
 @suite("video-quality", "held-out 16-frame video QA accuracy of tiny-vlm (tokenflex: tiny-vlm-flex) per vision method")
 def video_quality(
-    methods: list[str], repeats: int, n_clips: int = 100, num_frames: int | None = None, hold: int = 1, **_: Any
+    methods: list[str],
+    repeats: int,
+    n_clips: int = 100,
+    num_frames: int | None = None,
+    hold: int = 1,
+    model: str = "tiny-vlm",
+    **_: Any,
 ) -> list[dict[str, Any]]:
-    return _quality("video", methods, n_clips, num_frames=num_frames, hold=hold)
+    return _quality("video", methods, n_clips, num_frames=num_frames, hold=hold, model=model)

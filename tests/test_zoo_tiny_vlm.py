@@ -84,6 +84,19 @@ def test_fast_video_path_equals_processor_and_model(tiny):
     torch.testing.assert_close(mine, ref, rtol=0, atol=1e-6)
 
 
+
+def test_held_training_clips_match_the_processor(tmp_path):
+    """``Recipe.video_hold``: a stage-4 clip held 2x is 32 frames whose placeholders the processor agrees with."""
+    tr = T._Trainer(T.Recipe.quick(), tmp_path, log=lambda _: None, progress=False)
+    frames, seqs = tr._clip_seqs(0, 1, hold=2)
+    c = D.clip_sample("train", 0, 0, num_frames=T.NUM_FRAMES, k=len(D.VIDEO_QTYPES))
+    assert frames.shape[1] == 2 * T.NUM_FRAMES and np.array_equal(frames[0, 2 * 5 + 1], c.frames[5])
+    ids = seqs[0][0]
+    inputs = tr.processor(text=[_prompt(tr.processor, "q", "video")], videos=[frames[0]], do_sample_frames=False,
+                          return_tensors="pt")
+    vid = tr.model.config.video_token_index
+    assert ids.count(vid) == (inputs["input_ids"][0] == vid).sum() == 2 * (T.VIDEO_TOKENS - 1) + 1
+
 def test_tower_targets_follow_the_crops():
     scene = D.make_scene(D.sample_rng("image", "heldout", 0, 4), "heldout", n_objects=4)
     t = T.tower_targets(scene, tile_position="ignore")
@@ -265,6 +278,19 @@ def test_video_quality_long_variant_reports_frames_and_zipvl_ratio():
     assert "important_ratio" not in base and full["important_ratio"] == 1.0
     assert half["important_ratio"] == pytest.approx(0.5, abs=0.01)
     assert full["accuracy"] == base["accuracy"]  # tau = 1 with eviction keeps every token: the baseline
+
+
+@shipped
+def test_quality_suites_take_another_checkpoint():
+    """``--opt model=DIR``: the suite measures that checkpoint and names it in its rows."""
+    from mmfast.bench_suites import vlm_quality
+    from mmfast.zoo import zoo_path
+
+    path = str(zoo_path("tiny-vlm"))
+    mine = vlm_quality(["pool(factor=2)"], repeats=1, n_images=2, model=path)
+    ref = vlm_quality(["pool(factor=2)"], repeats=1, n_images=2)
+    assert [r["model"] for r in mine] == [path, path] and [r["model"] for r in ref] == ["tiny-vlm", "tiny-vlm"]
+    assert [r["accuracy"] for r in mine] == [r["accuracy"] for r in ref]
 
 
 @shipped
