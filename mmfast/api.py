@@ -9,9 +9,9 @@ from typing import Any
 import torch
 
 from mmfast import zoo
-from mmfast.accel.base import resolve
+from mmfast.accel.spec import resolve
 from mmfast.errors import ConfigError, UnsupportedModelError
-from mmfast.models.vlm import adapter_for
+from mmfast.models.registry import ARGEN_ADAPTERS, adapter_for, load_class
 from mmfast.pipelines.base import VLMPipeline
 from mmfast.pipelines.image_gen import ImageGenPipeline, TextToImagePipeline
 from mmfast.pipelines.image_qa import ImageCaptionPipeline, ImageQAPipeline
@@ -34,14 +34,6 @@ DEFAULT_MODELS: dict[str, str] = {
     "class-to-image": "tiny-ar",
     "text-to-image": "tiny-ar",
 }
-
-#: AR image generator adapters by architecture / model_type (imported lazily)
-ARGEN_ADAPTERS: dict[str, str] = {
-    "llamagen": "mmfast.models.llamagen:LlamaGenAdapter",
-    "janus": "mmfast.models.janus:JanusAdapter",
-    "emu3": "mmfast.models.emu3:Emu3Adapter",
-}
-
 
 def _dtype(dtype: Any) -> torch.dtype | str | None:
     if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
@@ -109,8 +101,6 @@ def _argen_kind(path: str | Path) -> str:
 
 def load_argen(model: Any, device: Any = None, dtype: Any = None) -> tuple[Any, str]:
     """Resolve ``model`` (zoo name | directory | HF id | ready adapter) to an ARGenAdapter."""
-    import importlib
-
     from mmfast.models.argen import ARGenAdapter
 
     if isinstance(model, ARGenAdapter):
@@ -124,8 +114,7 @@ def load_argen(model: Any, device: Any = None, dtype: Any = None) -> tuple[Any, 
         raise UnsupportedModelError(
             f"{name!r} is a {kind or 'unknown'} model; image generation supports {', '.join(ARGEN_ADAPTERS)}."
         )
-    module, cls = ARGEN_ADAPTERS[kind].split(":")
-    adapter_cls = getattr(importlib.import_module(module), cls)
+    adapter_cls = load_class(ARGEN_ADAPTERS[kind])
     return adapter_cls.from_pretrained(path, device=_device(device), dtype=_dtype(dtype)), name
 
 

@@ -126,7 +126,6 @@ def bench(
     from mmfast import bench as B
     from mmfast.errors import ConfigError
 
-    B._load_suites()
     if list_suites:
         for name, text in sorted(B.SUITE_HELP.items()):
             typer.echo(f"{name:16s} {text}")
@@ -185,13 +184,13 @@ def zoo_train(
     from mmfast.errors import UnsupportedModelError
 
     if name == "tiny-vlm":
-        from mmfast.zoo.tiny_vlm import train
+        from mmfast.train.tiny_vlm import train
     elif name == "tiny-vlm-flex":  # starts from the installed tiny-vlm
-        from mmfast.zoo.tiny_vlm_flex import train
+        from mmfast.train.tiny_vlm_flex import train
     elif name == "tiny-ar":
-        from mmfast.zoo.tiny_ar import train
+        from mmfast.train.tiny_ar import train
     elif name == "tiny-ar-drafter":  # the EAGLE-style draft head of the installed tiny-ar (a few minutes)
-        from mmfast.zoo.tiny_ar_drafter import train_drafter
+        from mmfast.train.tiny_ar_drafter import train_drafter
 
         report = train_drafter(out_dir=out, steps=steps or 1500)
         typer.echo(f"tiny-ar drafter: {report}")
@@ -223,10 +222,10 @@ def zoo_eval(
     """Held-out accuracy per question type (images and videos) through the real pipeline, with the majority
     baseline beside it. tiny-ar: class consistency and Fréchet distance to held-out digits (seed = sampling seed)."""
     import mmfast
-    from mmfast.zoo.evaluate import evaluate_vlm, format_report
+    from mmfast.train.evaluate import evaluate_vlm, format_report
 
     if name == "tiny-ar":
-        from mmfast.zoo.tiny_ar import evaluate, format_eval
+        from mmfast.train.tiny_ar import evaluate, format_eval
 
         res = evaluate(model or name, n=500 if n is None else n, seed=seed, accelerate=accelerate, progress=True)
         typer.echo(format_eval(res))
@@ -236,7 +235,7 @@ def zoo_eval(
         return
     import torch
 
-    from mmfast.zoo.tiny_vlm import auto_threads
+    from mmfast.train.tiny_vlm import auto_threads
 
     torch.set_num_threads(auto_threads())  # one thread when the machine is already busy: far faster then
     n = 1000 if n is None else n

@@ -44,7 +44,7 @@ def side_by_side(rows: dict[str, dict[str, Any]]) -> str:
 def _model(random_model: bool, tmp: str) -> tuple[Any, str]:
     if not random_model and zoo.available().get("tiny-vlm"):
         return "tiny-vlm", "tiny-vlm (embedded zoo model, trained by mmfast on its synthetic scenes)"
-    from mmfast.testing import build_tiny_vlm
+    from mmfast.train.tiny_models import build_tiny_vlm
 
     path = build_tiny_vlm("llava_onevision", tmp)
     return str(path), (
@@ -62,7 +62,7 @@ def run_demo(random_model: bool = False) -> None:
         qa = mmfast.pipeline("image-qa", model=model)
         shared = (qa.model, qa.processor)
         if model == "tiny-vlm":
-            from mmfast.zoo.demo import zoo_examples
+            from mmfast.train.examples import zoo_examples
 
             zoo_examples(qa, mmfast.pipeline("video-qa", model=shared))
 

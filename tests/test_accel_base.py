@@ -7,7 +7,7 @@ import torch
 
 import mmfast.accel as A
 from mmfast.errors import ConfigError, IncompatibleAcceleratorError
-from mmfast.models.vlm import VisualTokens
+from mmfast.types import VisualTokens
 
 
 def test_parse_spec_builds_configured_instances():

@@ -28,7 +28,7 @@ def _serve(demo):
 def test_vlm_demo_answers_side_by_side(tmp_path):
     import vlm_demo
 
-    from mmfast.testing import build_tiny_vlm, make_test_image
+    from mmfast.train.tiny_models import build_tiny_vlm, make_test_image
 
     path = build_tiny_vlm("llava", tmp_path / "llava")
     demo = vlm_demo.build_demo(str(path), methods=["pool(factor=2)"])
@@ -50,7 +50,7 @@ def test_vlm_demo_answers_side_by_side(tmp_path):
 def test_gen_demo_generates_side_by_side():
     import gen_demo
 
-    from mmfast.models.toy import ToyARAdapter
+    from mmfast.train.toy import ToyARAdapter
 
     demo = gen_demo.build_demo(ToyARAdapter(vocab=8, grid=(4, 4)), methods=["sjd(window=4)"])
     try:

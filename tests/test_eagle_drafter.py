@@ -7,7 +7,7 @@ import torch
 import mmfast
 from mmfast.models.llamagen import LlamaGen, LlamaGenAdapter, LlamaGenConfig
 from mmfast.models.vq import VQConfig, VQModel
-from mmfast.zoo.tiny_ar_drafter import train_drafter
+from mmfast.train.tiny_ar_drafter import train_drafter
 
 
 def _tiny_model_dir(tmp_path):

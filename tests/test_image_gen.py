@@ -16,12 +16,12 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from mmfast.accel.base import Composed
+from mmfast.accel.spec import Composed
 from mmfast.decoding import ar_decode
 from mmfast.errors import ConfigError, InvalidInputError
 from mmfast.models.argen import Sampling, target_probs
-from mmfast.models.toy import ToyARAdapter
 from mmfast.pipelines.image_gen import ImageGenPipeline
+from mmfast.train.toy import ToyARAdapter
 
 
 def chi_square_pvalue(samples: list[tuple[int, ...]], exact: dict[tuple[int, ...], float], min_expected: float = 5.0) -> float:

@@ -18,7 +18,7 @@ from mmfast.errors import InvalidInputError, UnsupportedModelError
 from mmfast.models.argen import Sampling, target_probs, to_pil
 from mmfast.models.emu3 import Emu3Adapter
 from mmfast.models.janus import JanusAdapter
-from mmfast.testing import build_tiny_emu3, build_tiny_janus
+from mmfast.train.tiny_models import build_tiny_emu3, build_tiny_janus
 
 PROMPTS = ["A red cat on a mat.", "A dog"]  # different lengths: left padding is exercised
 

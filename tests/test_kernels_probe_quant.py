@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from mmfast.kernels import triton_available
 from mmfast.kernels.kv_quant import dequantize, pack, quantize, unpack
 from mmfast.kernels.probe_attention import probe_attention, probe_attention_reference, visible_counts
-from mmfast.models.cache import CompressedLayer, KVContext, MixedPrecisionKV
+from mmfast.models.cache import CompressedLayer, MixedPrecisionKV
+from mmfast.types import KVContext
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,5 +1,6 @@
 """ZipVL and LOOK-M: selection rules on hand-built scores, merges against their formulas, the probe path against
-eager attention, sparse prefill, identity at 100% budget / tau = 1, and the method x family matrix."""
+eager attention, sparse prefill, identity at 100% budget / tau = 1 with the answer read from the cache, every merge
+variant and mode on every family (the identity / reduced matrix of every method is test_matrix.py)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import mmfast
 from mmfast.accel.lookm import merge_evicted, select_kept
-from mmfast.accel.zipvl import ZipVL, dynamic_count, important_tokens
+from mmfast.accel.zipvl import dynamic_count, important_tokens
 from mmfast.errors import ConfigError, IncompatibleAcceleratorError
 from mmfast.kernels.probe_attention import probe_attention, visible_counts
-from mmfast.models.attention import AttentionTap, project_queries
-from mmfast.testing import FAMILIES, VIDEO_FAMILIES, build_tiny_vlm, make_test_image, make_test_video
+from mmfast.models.attention import AttentionTap, layer_cache, project_queries
+from mmfast.models.prefill import PrefillStage
+from mmfast.train.tiny_models import FAMILIES, VIDEO_FAMILIES, make_test_image, make_test_video
 
 GEN = {"max_new_tokens": 6}
 Q = "What is this?"
@@ -30,13 +32,9 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
-def pipes(tmp_path_factory):
-    out = {}
-    for fam in FAMILIES:
-        img = mmfast.pipeline("image-qa", model=str(build_tiny_vlm(fam, tmp_path_factory.mktemp(fam))))
-        out[fam] = (img, mmfast.pipeline("video-qa", model=(img.model, img.processor)))
-    return out
+@pytest.fixture
+def pipes(vlm_pipes):
+    return vlm_pipes
 
 
 def _run(pipe, spec, **kw):
@@ -181,21 +179,21 @@ class _Attn(torch.nn.Module):
     layer_idx, num_key_value_groups, is_causal = 0, 2, True
 
 
-def test_sparse_prefill_attends_among_important_tokens_only():
+def test_sparse_prefill_attends_among_important_tokens_only(pipes):
     g = torch.Generator().manual_seed(0)
     q, k, v = (
         torch.randn(1, 4, 9, 8, generator=g),
         torch.randn(1, 2, 9, 8, generator=g),
         torch.randn(1, 2, 9, 8, generator=g),
     )
-    z = ZipVL()
+    z = PrefillStage(pipes["llava"][0].adapter, [], [])  # the prefill stage's routed attention (ctx.route)
     keep = torch.tensor([0, 2, 3, 7, 8])
-    z.plans[0] = keep
+    z.routes[0] = keep
     out, _ = z._attention(_Attn(), q, k, v, None, sdpa_attention_forward)
     ref = F.scaled_dot_product_attention(q[:, :, keep], k[:, :, keep], v[:, :, keep], is_causal=True, enable_gqa=True)
     torch.testing.assert_close(out[:, keep], ref.transpose(1, 2))
     assert out[:, [1, 4, 5, 6]].abs().max() == 0  # the rest skip attention in this layer
-    z.plans[0] = None  # tau = 1: the stock call
+    z.routes[0] = None  # tau = 1: the stock call
     torch.testing.assert_close(
         z._attention(_Attn(), q, k, v, None, sdpa_attention_forward)[0],
         sdpa_attention_forward(_Attn(), q, k, v, None)[0],
@@ -237,7 +235,7 @@ MATRIX = [
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_method_runs_on_every_family(pipes, family):
+def test_lookm_merges_and_zipvl_modes_on_every_family(pipes, family):
     img, vid = pipes[family]
     cases = [(img, {"image": make_test_image(0)}, MATRIX)]
     if family in VIDEO_FAMILIES or family == "llava":
@@ -378,7 +376,7 @@ def test_answer_from_kv_feeds_the_generation_prompt_after_compression(pipes):
     def pre(_m, args, kwargs):
         x = kwargs.get("inputs_embeds")
         x = kwargs["input_ids"] if x is None else x
-        cache = kwargs.get("past_key_values")
+        cache = layer_cache(kwargs)
         seen.append((x.shape[1], cache.layers[0].stored_length() if cache is not None and cache.layers else 0))
 
     h = img.adapter.language_model.register_forward_pre_hook(pre, with_kwargs=True)

@@ -1,7 +1,7 @@
 """Tests of mmfast/metrics.py: digit splits and preprocessing, the shipped digit classifier, class consistency,
 Fréchet distance (with its bootstrap interval and real-vs-real floor) and the token-marginal TV test.
 
-The shipped checkpoint is loaded, never retrained (training is ~30 s: `python -m mmfast.metrics train-classifier`).
+The shipped checkpoint is loaded, never retrained (training is ~30 s: `python -m mmfast.train.digit_classifier`).
 """
 
 from __future__ import annotations

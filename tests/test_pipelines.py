@@ -1,7 +1,8 @@
-"""The method x family matrix on tiny random models of the real transformers classes.
+"""Pipelines on tiny random models of the real transformers classes (the session's shared models, see conftest).
 
 Every model is saved with ``save_pretrained`` and loaded back through the normal ``from_pretrained`` path
-(``mmfast.pipeline(model=<dir>)``). The baseline must be token-identical to plain ``model.generate``.
+(``mmfast.pipeline(model=<dir>)``). The baseline must be token-identical to plain ``model.generate``; every method on
+every family is in test_matrix.py.
 """
 
 from __future__ import annotations
@@ -12,22 +13,16 @@ from transformers import DynamicCache
 
 import mmfast
 from mmfast.errors import InvalidInputError
-from mmfast.testing import FAMILIES, VIDEO_FAMILIES, build_tiny_vlm, make_test_image, make_test_video
+from mmfast.train.tiny_models import FAMILIES, VIDEO_FAMILIES, make_test_image, make_test_video
 
 GEN = {"max_new_tokens": 8}
 Q = "What is this?"
 
 
-@pytest.fixture(scope="module")
-def pipes(tmp_path_factory):
+@pytest.fixture
+def pipes(vlm_pipes):
     """family -> (image-qa pipeline loaded from disk, video-qa pipeline sharing the model or None)."""
-    out = {}
-    for fam in FAMILIES:
-        path = build_tiny_vlm(fam, tmp_path_factory.mktemp(fam))
-        img = mmfast.pipeline("image-qa", model=str(path))
-        vid = mmfast.pipeline("video-qa", model=(img.model, img.processor))
-        out[fam] = (img, vid)
-    return out
+    return vlm_pipes
 
 
 def _plain(pipe, inputs) -> str:
@@ -61,26 +56,6 @@ def test_baseline_identical_to_plain_generate_video(pipes, family):
     assert out["stats"]["frames"] == 8
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("spec", ["pool(factor=2)", "random(keep=0.25)", "kv_window(sink=2,recent=8)"])
-def test_every_baseline_method_runs_on_every_family(pipes, family, spec):
-    img_pipe, vid_pipe = pipes[family]
-    acc = mmfast.accel.resolve(spec)
-    for pipe, kw in [(img_pipe, {"image": make_test_image(0)}), (vid_pipe, {"video": make_test_video(8)})]:
-        if pipe is vid_pipe and family not in ("llava", *VIDEO_FAMILIES):
-            continue
-        p = type(pipe)(pipe.adapter, acc)
-        st = p(question=Q, **kw, **GEN)["stats"]
-        assert st["new_tokens"] == 8
-        if spec.startswith("kv_window"):
-            assert st["kv_tokens"] == st["kv_tokens_end"] == 10  # sink + recent, after prefill and at the end
-            assert st["visual_tokens_kept"] == st["visual_tokens_in"]
-        else:
-            assert st["visual_tokens_kept"] < 0.35 * st["visual_tokens_in"]
-            assert st["kv_tokens"] == st["prompt_tokens"]
-    assert not img_pipe.adapter.vision_methods and not img_pipe.adapter.kv_methods  # unhooked
-
-
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_pool_factor2_keeps_a_quarter(pipes, family):
     img_pipe, _ = pipes[family]
@@ -88,17 +63,6 @@ def test_pool_factor2_keeps_a_quarter(pipes, family):
         image=make_test_image(0), question=Q, **GEN
     )["stats"]
     assert st["visual_tokens_kept"] * 4 == st["visual_tokens_in"]
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_kv_window_larger_than_prompt_is_identical(pipes, family):
-    img_pipe, _ = pipes[family]
-    image = make_test_image(2)
-    base = img_pipe(image=image, question=Q, **GEN)
-    big = type(img_pipe)(img_pipe.adapter, mmfast.accel.resolve("kv_window(sink=4,recent=4096)"))
-    out = big(image=image, question=Q, **GEN)
-    assert out["answer"] == base["answer"]
-    assert out["stats"]["kv_bytes_end"] == base["stats"]["kv_bytes_end"]
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_onevision"])

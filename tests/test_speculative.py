@@ -18,8 +18,8 @@ from mmfast.accel.speculative import StrictRule, speculative_decode
 from mmfast.decoding import ar_decode
 from mmfast.errors import ConfigError
 from mmfast.models.argen import Sampling
-from mmfast.models.toy import ToyARAdapter
 from mmfast.pipelines.image_gen import ImageGenPipeline
+from mmfast.train.toy import ToyARAdapter
 
 SAMPLING = Sampling(guidance_scale=2.0, temperature=0.9, top_k=5)
 N_SAMPLES = 100_000
@@ -133,7 +133,7 @@ def test_strict_drafter_sd_matches_the_exact_joint_distribution():
     adapter = _tiny_llamagen()
     exact = _llamagen_joint(adapter, 1, SAMPLING)  # 6^4 = 1296 sequences
     torch.manual_seed(3)
-    head = EagleHead(adapter.gpt)  # an untrained head: arbitrary q, the harder case for exactness
+    head = EagleHead(adapter)  # an untrained head: arbitrary q, the harder case for exactness
     samples, _ = _collect(adapter, lambda: EagleDrafter(head), StrictRule(), window=3)
     assert chi_square_pvalue(samples, exact) > 0.01
     assert _tv(samples, exact) < TV_TOLERANCE * _tv_floor(exact)
@@ -196,7 +196,7 @@ def test_greedy_decoders_reproduce_the_baseline(spec):
 
 def test_janus_greedy_sjd_reproduces_the_baseline(tmp_path):
     from mmfast.models.janus import JanusAdapter
-    from mmfast.testing import build_tiny_janus
+    from mmfast.train.tiny_models import build_tiny_janus
 
     adapter = JanusAdapter.from_pretrained(build_tiny_janus(tmp_path / "janus"))
     sampling = Sampling(guidance_scale=3.0, temperature=0)
@@ -223,7 +223,7 @@ def test_lantern_default_k_scales_with_the_codebook():
 def test_ar_speed_suite_reports_step_cost_and_projection(tmp_path):
     import json
 
-    from mmfast.bench_ar import ar_speed
+    from mmfast.bench.ar import ar_speed
 
     res = tmp_path / "q.json"
     res.write_text(json.dumps({"rows": [{"method": "sjd(window=4)", "step_compression": 1.5}]}))

@@ -1,4 +1,4 @@
-"""Tiny random VLMs of real HF families (mmfast.testing): build, save, reload through the Auto classes, run."""
+"""Tiny random VLMs of real HF families (mmfast.train.tiny_models): build, save, reload through the Auto classes, run."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from mmfast.errors import ConfigError
-from mmfast.testing import (
+from mmfast.train.tiny_models import (
     FAMILIES,
     VIDEO_FAMILIES,
     build_tiny_vlm,
@@ -26,6 +26,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokeniz
 
 EXPECTED_CLASSES = {
     "llava": ("LlavaForConditionalGeneration", "LlavaProcessor", "CLIPImageProcessor", None),
+    "llava_next": ("LlavaNextForConditionalGeneration", "LlavaNextProcessor", "LlavaNextImageProcessor", None),
     "llava_next_video": (
         "LlavaNextVideoForConditionalGeneration",
         "LlavaNextVideoProcessor",
@@ -55,6 +56,7 @@ EXPECTED_CLASSES = {
 # Processor outputs (besides input_ids / attention_mask) the model needs, per family.
 IMAGE_KEYS = {
     "llava": {"pixel_values"},
+    "llava_next": {"pixel_values", "image_sizes"},
     "llava_next_video": {"pixel_values", "image_sizes"},
     "llava_onevision": {"pixel_values", "image_sizes", "batch_num_images"},
     "qwen2_vl": {"pixel_values", "image_grid_thw", "mm_token_type_ids"},

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mmfast.errors import ConfigError
-from mmfast.zoo import data as D
+from mmfast.train import data as D
 
 N_STATS = 2000
 

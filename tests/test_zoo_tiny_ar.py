@@ -9,7 +9,7 @@ import torch
 
 import mmfast
 from mmfast import zoo
-from mmfast.zoo import tiny_ar as T
+from mmfast.train import tiny_ar as T
 
 #: class consistency of 50 samples (5 per class, seed 0) must clear this; the shipped model measures well above it
 #: (see mmfast/zoo/README.md), and the binomial sd of 50 samples at p ~ 0.95 is ~3 points

@@ -13,8 +13,8 @@ from PIL import Image
 import mmfast
 from mmfast import zoo
 from mmfast.errors import ConfigError
-from mmfast.zoo import data as D
-from mmfast.zoo import tiny_vlm as T
+from mmfast.train import data as D
+from mmfast.train import tiny_vlm as T
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +218,7 @@ def test_shipped_checkpoint_is_small_and_answers_heldout_questions():
 
 @pytest.mark.skipif(not zoo.available().get("tiny-vlm-flex"), reason="tiny-vlm-flex checkpoint not trained yet")
 def test_shipped_flex_checkpoint_answers_with_a_quarter_of_the_tokens():
-    from mmfast.zoo import tiny_vlm_flex as TF
+    from mmfast.train import tiny_vlm_flex as TF
 
     pipe = mmfast.pipeline("image-qa", model="tiny-vlm-flex", accelerate="tokenflex(keep=0.25)")
     hits = []
@@ -233,7 +233,7 @@ def test_shipped_flex_checkpoint_answers_with_a_quarter_of_the_tokens():
 
 @shipped
 def test_evaluate_vlm_reports_per_type_and_per_object_count_consistently():
-    from mmfast.zoo.evaluate import evaluate_vlm, format_report
+    from mmfast.train.evaluate import evaluate_vlm, format_report
 
     res = evaluate_vlm(mmfast.pipeline("video-qa"), n_images=6, n_clips=2, progress=False)
     for mod, samples in (("image", D.image_dataset("heldout", 6)), ("video", D.video_dataset("heldout", 2))):
@@ -252,7 +252,7 @@ def test_evaluate_vlm_reports_per_type_and_per_object_count_consistently():
 def test_evaluate_vlm_hold_shows_each_frame_hold_times(monkeypatch):
     from mmfast.errors import ConfigError
     from mmfast.pipelines.video_qa import VideoQAPipeline
-    from mmfast.zoo.evaluate import evaluate_vlm
+    from mmfast.train.evaluate import evaluate_vlm
 
     calls = []
     monkeypatch.setattr(VideoQAPipeline, "__call__", lambda self, **kw: calls.append(kw) or {"answer": "", "stats": {}})
@@ -269,7 +269,7 @@ def test_evaluate_vlm_hold_shows_each_frame_hold_times(monkeypatch):
 
 @shipped
 def test_video_quality_long_variant_reports_frames_and_zipvl_ratio():
-    from mmfast.bench_suites import video_quality
+    from mmfast.bench.vlm import video_quality
 
     rows = video_quality(["zipvl(tau=1.0,mode='evict')", "zipvl(ratio=0.5)"], repeats=1, n_clips=1, num_frames=8, hold=2)
     base, full, half = rows
@@ -283,7 +283,7 @@ def test_video_quality_long_variant_reports_frames_and_zipvl_ratio():
 @shipped
 def test_quality_suites_take_another_checkpoint():
     """``--opt model=DIR``: the suite measures that checkpoint and names it in its rows."""
-    from mmfast.bench_suites import vlm_quality
+    from mmfast.bench.vlm import vlm_quality
     from mmfast.zoo import zoo_path
 
     path = str(zoo_path("tiny-vlm"))

@@ -1,64 +1,60 @@
-"""Accelerators: one file per method on the base classes of :mod:`mmfast.accel.base`.
+"""Accelerators: one file per method on the stage base classes of :mod:`mmfast.accel.base`.
 
-Use them as objects (``Pool(factor=2)``) or by spec string (``"pool(factor=2)+kv_window(sink=4,recent=64)"``).
+Use them as objects (``Pool(factor=2)``) or by spec string (``"pool(factor=2)+kv_window(sink=4,recent=64)"``,
+:mod:`mmfast.accel.spec`). Importing this package registers every built-in method.
 """
 
 from mmfast.accel.base import (
     REGISTRY,
     Accelerator,
-    Composed,
     DecodeAccelerator,
     KVAccelerator,
-    Stage,
+    PrefillAccelerator,
     VisionAccelerator,
-    available,
-    build,
-    compose,
-    parse_spec,
     register,
-    resolve,
 )
 from mmfast.accel.baselines import KVWindow, Pool, RandomKeep
+from mmfast.accel.eagle import EagleSD
+from mmfast.accel.fastv import FastV
+from mmfast.accel.gsd import GSD
+from mmfast.accel.lantern import Lantern
+from mmfast.accel.lookm import LookM
+from mmfast.accel.sjd import SJD
+from mmfast.accel.spec import Composed, available, build, compose, get, parse_spec, resolve  # noqa: I001 (after the methods)
+from mmfast.accel.tokenflex import AdaptivePool, TokenFlex
+from mmfast.accel.turbo import Turbo
+from mmfast.accel.visionzip import VisionZip
+from mmfast.accel.zipvl import ZipVL
+from mmfast.types import Stage
 
 __all__ = [
+    "GSD",
     "REGISTRY",
+    "SJD",
     "Accelerator",
+    "AdaptivePool",
     "Composed",
     "DecodeAccelerator",
+    "EagleSD",
+    "FastV",
     "KVAccelerator",
     "KVWindow",
+    "Lantern",
+    "LookM",
     "Pool",
+    "PrefillAccelerator",
     "RandomKeep",
     "Stage",
+    "TokenFlex",
+    "Turbo",
     "VisionAccelerator",
+    "VisionZip",
+    "ZipVL",
     "available",
     "build",
     "compose",
+    "get",
     "parse_spec",
     "register",
     "resolve",
 ]
-
-from mmfast.accel.sjd import SJD  # noqa: E402  (registers "sjd")
-
-__all__ += ["SJD"]
-
-from mmfast.accel.turbo import Turbo  # noqa: E402  (registers "turbo")
-
-__all__ += ["Turbo"]
-
-from mmfast.accel.tokenflex import AdaptivePool, TokenFlex  # noqa: E402  (registers "adaptive_pool", "tokenflex")
-
-__all__ += ["AdaptivePool", "TokenFlex"]
-
-from mmfast.accel.lookm import LookM  # noqa: E402  (registers "lookm")
-from mmfast.accel.zipvl import ZipVL  # noqa: E402  (registers "zipvl")
-
-__all__ += ["LookM", "ZipVL"]
-from mmfast.accel.gsd import GSD  # noqa: E402
-from mmfast.accel.lantern import Lantern  # noqa: E402
-
-__all__ += ["GSD", "Lantern"]
-from mmfast.accel.eagle import EagleSD  # noqa: E402
-
-__all__ += ["EagleSD"]

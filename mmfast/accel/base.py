@@ -1,4 +1,4 @@
-"""Accelerator framework: configs, stages, registry, spec strings and composition.
+"""Accelerator base classes: one per stage, and the registry that names them.
 
 An accelerator is a small ``@dataclass`` config (validated in ``__post_init__``) that is also a context
 manager hooking a model adapter, in the manner of kvpress presses::
@@ -6,37 +6,38 @@ manager hooking a model adapter, in the manner of kvpress presses::
     with Pool(factor=2)(adapter):
         adapter.generate(...)          # hooks are removed on exit, even on error
 
-Methods act at one of four places (design.md §3); :class:`Stage` orders them. Accelerators are named in
-spec strings such as ``"pool(factor=2)+kv_window(sink=4,recent=64)"`` (:func:`parse_spec`) and combined
-with :func:`compose`, which orders them by stage and refuses two methods fighting over one stage.
+Methods act at one of four places (:class:`~mmfast.types.Stage`, docs/architecture.md): the vision stage maps
+:class:`~mmfast.types.VisualTokens` to fewer tokens, the prefill stage acts inside the LM's decoder layers (the
+adapter calls it with a :class:`~mmfast.models.prefill.PrefillContext`), the KV stage compresses the cache, the
+decode stage replaces the token loop of AR image generators. A method talks to the adapter's API only; what it
+needs beyond the basics it names in ``requires`` (adapter capabilities such as ``"tower_features"``), and what it
+measures beyond the common stats it returns from :meth:`Accelerator.extra_stats`. Spec strings, composition and
+the name lookup are in :mod:`mmfast.accel.spec`.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import re
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
-from enum import IntEnum
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from mmfast.errors import ConfigError, IncompatibleAcceleratorError
+from mmfast.errors import IncompatibleAcceleratorError
+from mmfast.types import KVContext, Stage, VisualTokens
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from mmfast.models.cache import KVContext
-    from mmfast.models.vlm import VisualTokens
-
-
-class Stage(IntEnum):
-    """Where a method acts, in execution order."""
-
-    VISION = 0  # between the vision tower and the LLM (or inside the ViT)
-    PREFILL = 1  # inside decoder layers during prefill
-    KV = 2  # on the KV cache after prefill (and every N decode steps)
-    DECODE = 3  # replaces the token loop of AR image models
+__all__ = [
+    "REGISTRY",
+    "Accelerator",
+    "DecodeAccelerator",
+    "KVAccelerator",
+    "PrefillAccelerator",
+    "Stage",
+    "VisionAccelerator",
+    "register",
+]
 
 
 @dataclasses.dataclass
@@ -45,14 +46,18 @@ class Accelerator:
 
     name: ClassVar[str] = ""
     stages: ClassVar[tuple[Stage, ...]] = ()
-    #: tasks / adapter kinds the method applies to ("vlm" or "argen")
+    #: adapter kinds the method applies to ("vlm" or "argen")
     applies_to: ClassVar[tuple[str, ...]] = ("vlm",)
+    #: adapter capabilities the method needs (``adapter.capabilities``), e.g. ``("tower_features",)``
+    requires: ClassVar[tuple[str, ...]] = ()
+    #: the zoo checkpoint trained for this method, when it needs weights of its own (quality benchmarks use it)
+    zoo_model: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        """Raise :class:`ConfigError` on bad parameters. Called from ``__post_init__``."""
+        """Raise :class:`~mmfast.errors.ConfigError` on bad parameters. Called from ``__post_init__``."""
 
     # -- hooking -------------------------------------------------------------------------------
     def attach(self, adapter: Any) -> None:
@@ -69,6 +74,14 @@ class Accelerator:
             raise IncompatibleAcceleratorError(
                 f"{self.spec()} applies to {', '.join(self.applies_to)} models, not to a {kind} model."
             )
+        have = getattr(adapter, "capabilities", frozenset())
+        missing = [c for c in self.requires if c not in have]
+        if missing:
+            model = type(getattr(adapter, "model", adapter)).__name__
+            raise IncompatibleAcceleratorError(
+                f"{self.name} needs {', '.join(missing)} from the model adapter, which {model} does not offer "
+                f"(it offers: {', '.join(sorted(have)) or 'nothing beyond the basics'})."
+            )
 
     @contextmanager
     def __call__(self, adapter: Any) -> Iterator[Accelerator]:
@@ -78,6 +91,17 @@ class Accelerator:
             yield self
         finally:
             self.detach(adapter)
+
+    # -- measuring -----------------------------------------------------------------------------
+    def extra_stats(self) -> dict[str, Any]:
+        """Method-specific figures of the last call (e.g. ZipVL's important ratio), merged into the pipeline's
+        ``stats`` and into benchmark rows. Numbers only (averaged over calls by the quality benchmarks)."""
+        return {}
+
+    @classmethod
+    def prepare_random_model(cls, model_dir: Any) -> None:
+        """Give a random-initialised (speed-benchmark) checkpoint in ``model_dir`` the extra weights this method
+        loads, random too: speed does not depend on the weights. Default: nothing."""
 
     # -- description ---------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:
@@ -93,11 +117,43 @@ class Accelerator:
 
 
 class VisionAccelerator(Accelerator):
-    """Vision stage: maps the visual tokens of one image / video to fewer tokens."""
+    """Vision stage: maps the visual tokens of one image / video to fewer tokens.
+
+    ``encode(adapter, inputs)`` (optional) may produce the items itself (merging inside the ViT, its own
+    projector); ``None`` leaves the adapter's default encoding. ``positions`` says how the reduced prompt is
+    numbered: ``"compact"`` (0..L'-1, what a shorter prompt would get) or ``"original"`` (kept tokens keep their
+    positions); M-RoPE families keep the original 3-D positions of visual tokens either way.
+    """
 
     stages = (Stage.VISION,)
+    positions: ClassVar[str] = "compact"
+
+    def encode(self, adapter: Any, inputs: Any) -> list[VisualTokens] | None:
+        return None
 
     def reduce(self, tokens: VisualTokens) -> VisualTokens:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class PrefillAccelerator(Accelerator):
+    """Prefill stage: acts inside the LM's decoder layers while the prompt is prefilled.
+
+    The adapter calls :meth:`on_layer` before each layer listed by :meth:`layers`, with a
+    :class:`~mmfast.models.prefill.PrefillContext`: that layer's input, the original positions and visual mask of
+    the tokens still present, the probe path for a few queries' attention (``ctx.attention(rows)``), and the two
+    actions: ``ctx.keep(idx)`` (only these tokens from this layer on) and ``ctx.route(idx)`` (this layer's
+    attention among these tokens only).
+    """
+
+    stages = (Stage.PREFILL,)
+    #: whether the method calls ``ctx.route`` (the adapter then routes the LM's attention through the stage)
+    routes_attention: ClassVar[bool] = False
+
+    def layers(self, num_layers: int) -> Sequence[int]:  # pragma: no cover - abstract
+        """Decoder layers (0-based) whose prefill this method acts on."""
+        raise NotImplementedError
+
+    def on_layer(self, ctx: Any) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
@@ -156,181 +212,3 @@ def register(cls: type[Accelerator]) -> type[Accelerator]:
         raise TypeError(f"{cls.__name__} has no name")
     REGISTRY[cls.name] = cls
     return cls
-
-
-def available() -> list[str]:
-    """Names of all registered accelerators."""
-    _ensure_builtins()
-    return sorted(REGISTRY)
-
-
-def get(name: str) -> type[Accelerator]:
-    _ensure_builtins()
-    key = name.strip().lower().replace("-", "_")
-    if key not in REGISTRY:
-        raise ConfigError(f"Unknown accelerator {name!r}. Valid names: {', '.join(sorted(REGISTRY))}.")
-    return REGISTRY[key]
-
-
-def _ensure_builtins() -> None:
-    import mmfast.accel  # noqa: F401  (imports every method module, which registers it)
-
-
-# -------------------------------------------------------------------------------------------------
-# spec strings
-# -------------------------------------------------------------------------------------------------
-_TERM = re.compile(r"^\s*([A-Za-z_][\w\-]*)\s*(?:\((.*)\))?\s*$", re.S)
-
-
-def _split_top(text: str, sep: str) -> list[str]:
-    """Split on ``sep`` outside parentheses / brackets / quotes."""
-    parts, depth, quote, cur = [], 0, "", []
-    for ch in text:
-        if quote:
-            quote = "" if ch == quote else quote
-        elif ch in "\"'":
-            quote = ch
-        elif ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        if ch == sep and depth == 0 and not quote:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    parts.append("".join(cur))
-    return parts
-
-
-def _literal(node: ast.expr, term: str) -> Any:
-    if isinstance(node, ast.Name):  # bare words are strings: merge=weighted
-        return {"True": True, "False": False, "None": None}.get(node.id, node.id)
-    try:
-        return ast.literal_eval(node)
-    except ValueError as e:
-        raise ConfigError(f"Cannot parse a parameter value in {term!r}: use numbers, strings or tuples.") from e
-
-
-def build(name: str, **params: Any) -> Accelerator:
-    """Instantiate a registered accelerator, turning bad parameters into :class:`ConfigError`."""
-    cls = get(name)
-    fields = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(params) - fields)
-    if unknown:
-        raise ConfigError(
-            f"{cls.name}: unknown parameter(s) {', '.join(unknown)}. "
-            f"Valid parameters: {', '.join(sorted(fields)) or '(none)'}."
-        )
-    try:
-        return cls(**params)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{cls.name}: {e}") from e
-
-
-def parse_spec(spec: str) -> list[Accelerator]:
-    """Parse ``"name(k=v,...)+name2"`` into accelerator instances (in the written order)."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise ConfigError("Empty accelerate spec. Example: 'pool(factor=2)+kv_window(sink=4,recent=64)'.")
-    out = []
-    for term in _split_top(spec, "+"):
-        m = _TERM.match(term)
-        if not m:
-            raise ConfigError(f"Cannot parse {term.strip()!r}: expected name or name(key=value,...).")
-        name, args = m.group(1), (m.group(2) or "").strip()
-        params: dict[str, Any] = {}
-        if args:
-            try:
-                call = ast.parse(f"f({args})", mode="eval").body
-            except SyntaxError as e:
-                raise ConfigError(f"Cannot parse the parameters of {term.strip()!r}: {e.msg}.") from e
-            assert isinstance(call, ast.Call)
-            if call.args:
-                raise ConfigError(f"{term.strip()!r}: parameters must be named, e.g. {name}(key=value).")
-            for kw in call.keywords:
-                if kw.arg is None:
-                    raise ConfigError(f"{term.strip()!r}: '**' is not allowed in a spec.")
-                params[kw.arg] = _literal(kw.value, term.strip())
-        out.append(build(name, **params))
-    return out
-
-
-# -------------------------------------------------------------------------------------------------
-# composition
-# -------------------------------------------------------------------------------------------------
-class Composed:
-    """Several accelerators applied together, ordered by stage. Also a context manager over an adapter."""
-
-    def __init__(self, accelerators: Sequence[Accelerator]):
-        self.accelerators = list(accelerators)
-
-    def __iter__(self) -> Iterator[Accelerator]:
-        return iter(self.accelerators)
-
-    def __len__(self) -> int:
-        return len(self.accelerators)
-
-    @contextmanager
-    def __call__(self, adapter: Any) -> Iterator[Composed]:
-        with ExitStack() as stack:
-            for acc in self.accelerators:
-                stack.enter_context(acc(adapter))
-            yield self
-
-    def spec(self) -> str:
-        return "+".join(a.spec() for a in self.accelerators) or "baseline"
-
-    def __str__(self) -> str:
-        return self.spec()
-
-    def __repr__(self) -> str:
-        return f"Composed({self.spec()!r})"
-
-
-def compose(accelerators: Iterable[Accelerator]) -> Composed:
-    """Order by stage (vision → prefill → kv → decode; KV eviction before quantization) and check conflicts."""
-    accs = list(accelerators)
-    for acc in accs:
-        if not isinstance(acc, Accelerator):
-            raise ConfigError(f"Not an accelerator: {acc!r}")
-
-    def key(a: Accelerator) -> tuple[int, int]:
-        role = 0 if getattr(a, "role", "evict") == "evict" else 1
-        return (min(a.stages) if a.stages else 99, role)
-
-    accs.sort(key=key)
-    claimed: dict[Any, Accelerator] = {}
-    for acc in accs:
-        for stage in acc.stages:
-            slot: Any = (stage, getattr(acc, "role", "evict")) if stage == Stage.KV else stage
-            if slot in claimed:
-                other = claimed[slot]
-                what = f"the {stage.name.lower()} stage" + (f" ({slot[1]})" if stage == Stage.KV else "")
-                raise IncompatibleAcceleratorError(
-                    f"{other.spec()} and {acc.spec()} both act on {what}; use at most one of them "
-                    "(KV methods can stack one eviction with one quantization)."
-                )
-            claimed[slot] = acc
-    return Composed(accs)
-
-
-def resolve(accelerate: Any) -> Composed:
-    """Turn ``None`` / a spec string / an accelerator / a list of them into a :class:`Composed`."""
-    if accelerate is None or (isinstance(accelerate, str) and accelerate.strip().lower() in ("", "none", "baseline")):
-        return Composed([])
-    if isinstance(accelerate, Composed):
-        return accelerate
-    if isinstance(accelerate, str):
-        return compose(parse_spec(accelerate))
-    if isinstance(accelerate, Accelerator):
-        return compose([accelerate])
-    if isinstance(accelerate, (list, tuple)):
-        accs: list[Accelerator] = []
-        for item in accelerate:
-            accs.extend(resolve(item).accelerators)
-        return compose(accs)
-    raise ConfigError(
-        f"accelerate must be None, a spec string, an Accelerator or a list of them, not {type(accelerate).__name__}."
-    )

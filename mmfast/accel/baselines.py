@@ -20,8 +20,7 @@ import torch
 
 from mmfast.accel.base import KVAccelerator, VisionAccelerator, register
 from mmfast.errors import ConfigError
-from mmfast.models.cache import KVContext
-from mmfast.models.vlm import VisualTokens
+from mmfast.types import KVContext, VisualTokens
 
 
 def _int_param(name: str, value: object, low: int) -> None:

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -35,53 +34,49 @@ from mmfast.models.argen import ARGenAdapter
 
 
 class EagleHead(nn.Module):
-    """fc([f_{j-1}; e(x_j)]) → one LlamaGen block (2-D RoPE at x_j's position) → predicted feature f_j."""
+    """fc([f_{j-1}; e(x_j)]) → one decoder block of the target's family (its RoPE at x_j's position) → predicted
+    feature f_j. The block and its RoPE come from the adapter (capability ``"draft_head"``)."""
 
-    def __init__(self, gpt: Any):
+    def __init__(self, adapter: ARGenAdapter):
         super().__init__()
-        from mmfast.models.llamagen import TransformerBlock
-
-        cfg = gpt.config
-        self.fc = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
-        self.block = TransformerBlock(cfg, 0.0)
-        self.cfg = cfg
+        dim = adapter.feature_dim
+        self.fc = nn.Linear(2 * dim, dim, bias=False)
+        self.block = adapter.draft_block()
+        self._rope = adapter.draft_rope
 
     def forward(self, feats: torch.Tensor, emb: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """feats (B, T, d) features f_{j-1}, emb (B, T, d) embeddings of x_j, positions (T,) of x_j → (B, T, d)."""
-        from mmfast.models.llamagen import rope_2d
-
         h = self.fc(torch.cat([feats, emb], dim=-1))
-        rope = rope_2d(positions, self.cfg.grid_size, self.cfg.head_dim, self.cfg.rope_base)
         mask = torch.ones(h.shape[1], h.shape[1], dtype=torch.bool, device=h.device).tril()[None, None]
-        out, _ = self.block(h, rope, mask)
+        out, _ = self.block(h, self._rope(positions), mask)
         return out
 
 
-def _gpt(adapter: ARGenAdapter) -> Any:
-    gpt = getattr(adapter, "gpt", None)
-    if gpt is None:
-        raise IncompatibleAcceleratorError("EAGLE draft heads are implemented for LlamaGen models (tiny-ar) only.")
-    return gpt
+def _check(adapter: ARGenAdapter) -> ARGenAdapter:
+    if "draft_head" not in getattr(adapter, "capabilities", ()):
+        raise IncompatibleAcceleratorError(f"{type(adapter).__name__} offers no draft-head features (capability 'draft_head').")
+    return adapter
 
 
 class EagleDrafter(Drafter):
-    """Chain drafts from an :class:`EagleHead`, using the target features captured from ``gpt.norm``."""
+    """Chain drafts from an :class:`EagleHead`, using the target features the adapter captures (the normed hidden
+    states that feed the output layer)."""
 
     def __init__(self, head: EagleHead):
         self.head = head.eval()
 
     def reset(self, adapter, batch, sampling, generator) -> None:  # type: ignore[override]
         super().reset(adapter, batch, sampling, generator)
-        self.gpt = _gpt(adapter)
+        _check(adapter)
         self.rows = 2 * batch if sampling.cfg else batch
         n = adapter.num_tokens
-        self.feats = torch.zeros(self.rows, n + 1, self.gpt.config.dim)  # index j + 1 = feature at position j
+        self.feats = torch.zeros(self.rows, n + 1, adapter.feature_dim)  # index j + 1 = feature at position j
         self.fed = 0  # positions whose target features are known: -1 .. fed - 2
-        self._hook = self.gpt.norm.register_forward_hook(self._capture)
+        self._hook = adapter.capture_features(self._capture)
         self._pending: list[torch.Tensor] = []
         self.feats_from = -1  # position of the first feature in the next captured block
 
-    def _capture(self, _m: Any, _i: Any, out: torch.Tensor) -> None:
+    def _capture(self, out: torch.Tensor) -> None:
         self._pending.append(out.detach().float().cpu())
 
     def _absorb(self, start: int) -> None:
@@ -102,14 +97,14 @@ class EagleDrafter(Drafter):
         rep = self.rows // b
         seq = tokens[:, :n].repeat(rep, 1)  # x_0 .. x_{n-1}
         feats = self.feats[:, :n].clone()  # f_{-1} .. f_{n-2} (known target features)
-        emb_w = self.gpt.tok_embeddings.weight
+        emb_w = self.adapter.draft_embeddings()
         drafts, qs = [], []
         with torch.no_grad():
             for _ in range(k):
                 t = seq.shape[1]
                 pos = torch.arange(t)
                 pred = self.head(feats.to(emb_w.device), emb_w[seq.to(emb_w.device)], pos)[:, -1]  # f̂_{t-1}
-                q = self.adapter.target_probs(self.gpt.output(pred).float()[:, None], self.sampling)[:, 0].cpu()
+                q = self.adapter.target_probs(self.adapter.feature_logits(pred).float()[:, None], self.sampling)[:, 0].cpu()
                 d = q.argmax(-1) if self.sampling.greedy else torch.multinomial(q, 1, generator=self.generator).squeeze(-1)
                 drafts.append(d)
                 qs.append(q)
@@ -126,7 +121,7 @@ class EagleDrafter(Drafter):
 
 def load_drafter(path: str | Path, adapter: ARGenAdapter) -> EagleDrafter:
     """A drafter directory (``drafter.json`` + ``drafter.safetensors``), or ``"default"`` for the model's own."""
-    gpt = _gpt(adapter)
+    _check(adapter)
     if str(path) == "default":
         path = getattr(adapter, "drafter_path", None)
         if path is None:
@@ -134,9 +129,9 @@ def load_drafter(path: str | Path, adapter: ARGenAdapter) -> EagleDrafter:
     path = Path(path)
     if not (path / "drafter.safetensors").is_file():
         raise UnsupportedModelError(f"No drafter.safetensors in {path}.")
-    head = EagleHead(gpt)
+    head = EagleHead(adapter)
     head.load_state_dict(load_file(str(path / "drafter.safetensors")))
-    return EagleDrafter(head.to(gpt.device))
+    return EagleDrafter(head.to(adapter.draft_embeddings().device))
 
 
 def save_drafter(head: EagleHead, path: str | Path, meta: dict[str, Any] | None = None) -> None:
@@ -146,30 +141,13 @@ def save_drafter(head: EagleHead, path: str | Path, meta: dict[str, Any] | None 
     (path / "drafter.json").write_text(json.dumps({"type": "eagle-1", **(meta or {})}, indent=2))
 
 
-def drafter_loss(head: EagleHead, gpt: Any, tokens: torch.Tensor, cond: torch.Tensor, feat_noise: float = 0.0) -> torch.Tensor:
-    """EAGLE loss on teacher-forced real sequences: SmoothL1(f̂_j, f_j) + 0.1 CE(output(f̂_j), x_{j+1}).
-
-    tokens (B, N) image tokens; cond (B,) labels (use the null class for some rows to learn unconditional drafts).
-    """
-    feats: list[torch.Tensor] = []
-    hook = gpt.norm.register_forward_hook(lambda _m, _i, out: feats.append(out))
-    with torch.no_grad():
-        gpt(tokens[:, :-1], cond, drop=torch.zeros(len(cond), dtype=torch.bool))  # features at positions -1..N-2
-    hook.remove()
-    f = feats[0].float()  # (B, N, d): f[:, j] = feature at position j - 1
-    inp = f[:, :-1] + feat_noise * torch.randn_like(f[:, :-1])
-    pred = head(inp, gpt.tok_embeddings(tokens[:, :-1]).float(), torch.arange(tokens.shape[1] - 1, device=tokens.device))
-    target = f[:, 1:]  # feature at position j predicts x_{j+1}
-    logits = gpt.output(pred).float()
-    return F.smooth_l1_loss(pred, target) + 0.1 * F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
-
-
 @register
 @dataclass
 class EagleSD(DecodeAccelerator):
     """Strict speculative decoding with a trained EAGLE-style draft head (lossless)."""
 
     name = "eagle_sd"
+    requires = ("draft_head",)
     drafter: str = "default"
     window: int = 16
 

@@ -58,7 +58,7 @@ from mmfast.accel.base import KVAccelerator, register
 from mmfast.errors import ConfigError
 from mmfast.kernels.probe_attention import probe_attention
 from mmfast.models.attention import AttentionTap, project_queries
-from mmfast.models.cache import KVContext
+from mmfast.types import KVContext
 
 MERGES = ("avg", "pivot", "weighted", "none")
 

@@ -6,7 +6,7 @@ Tokens Inference", arXiv 2504.03154; no public code, implemented from the paper)
   (``AdaptiveAvgPool2d``), passed through the SwiGLU feature-weighting layer y = W_down(SiLU(W_gate x) * W_up x)
   and then through the model's own LM projection (its ``multi_modal_projector``), and laid out like the model's
   own features (anyres base view + unpadded tiles with row newlines; video frames + trailing newline). Training
-  samples n per sample (see :data:`mmfast.zoo.tiny_vlm_flex`), so one model serves every count. ``tokens`` is
+  samples n per sample (see :data:`mmfast.train.tiny_vlm_flex`), so one model serves every count. ``tokens`` is
   the count per crop (n = round(sqrt(tokens))); ``keep`` the fraction of every grid (n = round(s * sqrt(keep)));
   video frames are pooled to the same fraction of the model's native video grid.
 * ``adaptive_pool(keep=0.25)`` / ``adaptive_pool(tokens=64)``: the same pooling applied, training-free, to the
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +39,9 @@ from torch import nn
 
 from mmfast.accel.base import VisionAccelerator, register
 from mmfast.errors import ConfigError, IncompatibleAcceleratorError, UnsupportedModelError
-from mmfast.models.vlm import VisualTokens
+from mmfast.types import VisualTokens
 
 WEIGHTS_NAME = "tokenflex.safetensors"
-FLEX_FAMILIES = ("llava", "llava_next_video", "llava_onevision")
 
 
 def _check_amount(name: str, keep: Any, tokens: Any) -> None:
@@ -193,145 +192,28 @@ class FlexProjector(nn.Module):
         return flex.eval()
 
 
-def _tower_features(model: Any, cfg: Any, pixels: torch.Tensor) -> torch.Tensor:
-    """Selected tower hidden states (crops, s*s, Dv), as the family's ``get_*_features`` selects them."""
-    out = model.vision_tower(pixels, output_hidden_states=True, return_dict=True)
-    layer = cfg.vision_feature_layer
-    if isinstance(layer, int):
-        h = out.hidden_states[layer]
-    else:
-        h = torch.cat([out.hidden_states[i] for i in layer], dim=-1)
-    return h[:, 1:] if cfg.vision_feature_select_strategy == "default" else h
-
-
-def _pool_crops(h: torch.Tensor, n: int) -> torch.Tensor:
-    """(crops, s*s, D) -> (crops, n, n, D) adaptive average pooling."""
+def pool_grid(h: torch.Tensor, n: int) -> torch.Tensor:
+    """(crops, s*s, D) -> (crops, n, n, D) adaptive average pooling of each crop's square grid."""
     c, t, d = h.shape
     s = math.isqrt(t)
     g = h.transpose(1, 2).reshape(c, d, s, s)
     return F.adaptive_avg_pool2d(g, (n, n)).permute(0, 2, 3, 1)
 
 
-def _hires_shape(cfg: Any, image_size: Any, side: int, onevision: bool) -> tuple[int, int]:
-    """(rows, cols) of the unpadded hi-res grid when every tile is a ``side`` x ``side`` grid."""
-    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
-
-    size = image_size.tolist() if hasattr(image_size, "tolist") else list(image_size)
-    nph, npw = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-    h, w = unpad_image(torch.empty(1, nph * side, npw * side), size).shape[1:]
-    if onevision:
-        max_patches = int(str(getattr(cfg, "vision_aspect_ratio", "anyres_max_9")).removeprefix("anyres_max_"))
-        ratio = math.sqrt(h * w / (max_patches * side * side))
-        if ratio > 1.1:
-            h, w = int(h // ratio), int(w // ratio)
-    return h, w
-
-
-def _anchor_grid(rows: int, cols: int, rows0: int, cols0: int, offset: int, stride0: int) -> torch.Tensor:
-    """Anchors (original indices) of a pooled rows x cols grid over an original rows0 x cols0 grid laid out
-    row-major from ``offset`` with ``stride0`` tokens per row."""
-    y0 = torch.arange(rows) * rows0 // rows
-    x0 = torch.arange(cols) * cols0 // cols
-    return offset + y0[:, None] * stride0 + x0[None, :]
-
-
 def flex_items(adapter: Any, flex: FlexProjector, inputs: Any, frac: float) -> list[VisualTokens]:
-    """TokenFLEX visual tokens of one prompt (differentiable: used by inference and by training)."""
-    model, cfg, fam = adapter.model.model, adapter.config, adapter.family
-    s = cfg.vision_config.image_size // cfg.vision_config.patch_size
-    onevision = fam == "llava_onevision"
-    dev = adapter.device
+    """TokenFLEX visual tokens of one prompt (differentiable: used by inference and by training): per crop / frame
+    the tower grid pooled to ``frac`` of the native side, feature weighting, the model's projector, the family's
+    layout."""
     items: list[VisualTokens] = []
-    newline = getattr(model, "image_newline", None)
-    if "pixel_values" in inputs:
-        pv = inputs["pixel_values"]
-        n = pooled(s, frac)
-        if fam == "llava":
-            h = model.multi_modal_projector(flex(_pool_crops(_tower_features(model, cfg, pv), n)))
-            frames = "mmfast_video_frames" in inputs
-            groups = [list(range(h.shape[0]))] if frames else [[i] for i in range(h.shape[0])]
-            for index, members in enumerate(groups):
-                f = len(members)
-                feats = h[members].reshape(f * n * n, -1)
-                anchors = torch.cat([_anchor_grid(n, n, s, s, j * s * s, s).flatten() for j in range(f)])
-                items.append(_item(feats, [(0, f, n, n, False)], anchors, f * s * s, "video" if frames else "image",
-                                   index, adapter.token_id("image")))
-        else:
-            from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-            sizes = inputs["image_sizes"]
-            bni = inputs.get("batch_num_images")
-            patching = [True] * len(sizes) if bni is None else [int(b) == 1 for b in bni for _ in range(int(b))]
-            counts = [
-                image_size_to_num_patches(sz, cfg.image_grid_pinpoints, cfg.vision_config.image_size) if p else 1
-                for sz, p in zip(sizes, patching)
-            ]
-            if pv.dim() == 5:
-                pv = torch.cat([p[:c] for p, c in zip(pv, counts)])
-            h = model.multi_modal_projector(flex(_pool_crops(_tower_features(model, cfg, pv), n)))
-            for index, crops in enumerate(h.split(counts)):
-                items.append(_anyres_item(adapter, crops, sizes[index], n, s, index, onevision, newline))
-    if "pixel_values_videos" in inputs:
-        pvv = inputs["pixel_values_videos"]
-        b, frames = pvv.shape[:2]
-        v = math.ceil(s / 2) if onevision else s // int(getattr(cfg, "spatial_pool_stride", 2))
-        n = pooled(v, frac)
-        h = _tower_features(model, cfg, pvv.flatten(0, 1))
-        h = model.multi_modal_projector(flex(_pool_crops(h, n))).reshape(b, frames * n * n, -1)
-        for i in range(b):
-            feats, blocks = h[i], [(0, frames, n, n, False)]
-            anchors = torch.cat([_anchor_grid(n, n, v, v, f * v * v, v).flatten() for f in range(frames)])
-            n_orig = frames * v * v
-            if onevision:
-                feats = torch.cat([feats, newline[None].to(feats)])
-                blocks.append((0, 0, 0, 0, True))
-                anchors = torch.cat([anchors, torch.tensor([n_orig])])
-                n_orig += 1
-            items.append(_item(feats, blocks, anchors, n_orig, "video", i, adapter.token_id("video")))
+    for modality in ("image", "video"):
+        feats = adapter.tower_features(inputs, modality)
+        if feats is None:
+            continue
+        n = pooled(adapter.native_side(modality), frac)
+        items.extend(adapter.grid_items(inputs, modality, adapter.project(flex(pool_grid(feats, n)))))
     for it in items:
-        it.source = it.source.to(dev)
+        it.source = it.source.to(adapter.device)
     return items
-
-
-def _anyres_item(
-    adapter: Any, crops: torch.Tensor, image_size: Any, n: int, s: int, index: int, onevision: bool, newline: Any
-) -> VisualTokens:
-    """Lay pooled crops (crops, n, n, D) out like the family's ``pack_image_features``."""
-    cfg = adapter.config
-    d = crops.shape[-1]
-    tid = adapter.token_id("image")
-    base = crops[0].reshape(n * n, d)
-    base_anchor = _anchor_grid(n, n, s, s, 0, s).flatten()
-    if crops.shape[0] == 1:  # base view only (+ trailing newline)
-        feats, blocks, anchors, n_orig = base, [(0, 1, n, n, False)], base_anchor, s * s
-        if newline is not None:
-            feats = torch.cat([base, newline[None].to(base)])
-            blocks.append((0, 0, 0, 0, True))
-            anchors = torch.cat([anchors, torch.tensor([s * s])])
-            n_orig += 1
-        return _item(feats, blocks, anchors, n_orig, "image", index, tid)
-    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
-
-    size = image_size.tolist()
-    nph, npw = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-    grid = crops[1:].reshape(nph, npw, n, n, d).permute(4, 0, 2, 1, 3).reshape(d, nph * n, npw * n)
-    grid = unpad_image(grid, size)
-    h, w = _hires_shape(cfg, image_size, n, onevision)
-    if (h, w) != tuple(grid.shape[1:]):
-        grid = F.interpolate(grid[None], [h, w], mode="bilinear")[0]
-    rows = torch.cat([grid, newline[:, None, None].expand(d, h, 1).to(grid)], -1)
-    feats = torch.cat([base, rows.flatten(1).transpose(0, 1)])
-    h0, w0 = _hires_shape(cfg, image_size, s, onevision)
-    hi = _anchor_grid(h, w, h0, w0, s * s, w0 + 1)
-    nl = s * s + ((torch.arange(h) + 1) * h0 // h - 1) * (w0 + 1) + w0  # the newline before the next row's window
-    anchors = torch.cat([base_anchor, torch.cat([hi, nl[:, None]], 1).flatten()])
-    return _item(feats, [(0, 1, n, n, False), (1, 1, h, w, True)], anchors, s * s + h0 * (w0 + 1), "image", index, tid)
-
-
-def _item(feats: torch.Tensor, blocks: list, anchors: torch.Tensor, n_orig: int, kind: str, index: int,
-          token_id: int) -> VisualTokens:
-    it = VisualTokens.from_grid(feats, blocks, kind=kind, index=index, token_id=token_id)
-    return replace(it, source=anchors.to(feats.device), n_original=n_orig)
 
 
 @register
@@ -340,6 +222,8 @@ class TokenFlex(VisionAccelerator):
     """TokenFLEX flexible projector of a TokenFLEX-trained checkpoint; ``keep`` or ``tokens`` (per crop)."""
 
     name = "tokenflex"
+    requires = ("tower_features",)
+    zoo_model = "tiny-vlm-flex"
     keep: float | None = None
     tokens: int | None = None
     weights: str | None = None
@@ -349,18 +233,23 @@ class TokenFlex(VisionAccelerator):
         if self.keep is None and self.tokens is None:
             self.keep = 0.25
 
+    @classmethod
+    def prepare_random_model(cls, model_dir: Any) -> None:
+        vision = json.loads((Path(model_dir) / "config.json").read_text())["vision_config"]
+        FlexProjector(vision["hidden_size"], 2 * vision["hidden_size"]).save(model_dir)
+
     def _path(self, adapter: Any) -> Path:
         if self.weights:
             return Path(self.weights)
         return Path(str(getattr(adapter.model, "name_or_path", "") or ".")) / WEIGHTS_NAME
 
     def check_compatible(self, adapter: Any) -> None:
-        super().check_compatible(adapter)
-        if getattr(adapter, "family", "") not in FLEX_FAMILIES:
+        if "tower_features" not in getattr(adapter, "capabilities", ()):
             raise IncompatibleAcceleratorError(
-                f"tokenflex pools the ViT grid before a LLaVA-style projector ({', '.join(FLEX_FAMILIES)}); "
-                f"{type(adapter.model).__name__} is not supported. Use adaptive_pool(keep=...) instead."
+                f"tokenflex pools the ViT grid before a LLaVA-style projector; {type(adapter.model).__name__} does "
+                "not expose one (adapter capability 'tower_features'). Use adaptive_pool(keep=...) instead."
             )
+        super().check_compatible(adapter)
         if not self._path(adapter).is_file():
             raise IncompatibleAcceleratorError(
                 f"tokenflex needs a TokenFLEX-trained checkpoint ({WEIGHTS_NAME} beside the model, e.g. zoo model "
@@ -376,7 +265,7 @@ class TokenFlex(VisionAccelerator):
         return cache[str(path)]
 
     def encode(self, adapter: Any, inputs: Any) -> list[VisualTokens] | None:
-        s = adapter.config.vision_config.image_size // adapter.config.vision_config.patch_size
+        s = adapter.native_side("image")
         frac = side_fraction(self.keep, self.tokens, s)
         if pooled(s, frac) >= s:
             return None  # native count: the checkpoint's own projector path

@@ -58,11 +58,12 @@ from typing import Any
 
 import torch
 
-from mmfast.accel.base import KVAccelerator, Stage, register
+from mmfast.accel.base import KVAccelerator, PrefillAccelerator, register
 from mmfast.errors import ConfigError
 from mmfast.kernels.probe_attention import probe_attention, visible_counts
-from mmfast.models.attention import attn_input, project_keys, project_queries, route_attention, self_attns
-from mmfast.models.cache import KVContext, MixedPrecisionKV
+from mmfast.models.attention import AttentionTap, project_queries
+from mmfast.models.cache import MixedPrecisionKV
+from mmfast.types import KVContext, Stage
 
 
 def dynamic_count(scores: torch.Tensor, tau: float) -> int:
@@ -98,7 +99,7 @@ def important_tokens(
 
 @register
 @dataclass
-class ZipVL(KVAccelerator):
+class ZipVL(PrefillAccelerator, KVAccelerator):
     """ZipVL dynamic-ratio sparse prefill + mixed-precision / evicted KV (see the module docstring)."""
 
     name = "zipvl"
@@ -137,92 +138,62 @@ class ZipVL(KVAccelerator):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._modules: list[torch.nn.Module] = []
-        self._handles: list[Any] = []
-        self._undo: Any = None
+        self._tap: AttentionTap | None = None
         self.plans: dict[int, torch.Tensor | None] = {}  # layer -> important prompt positions (None: all)
         self.ratios: dict[int, float] = {}  # layer -> p / n of the last prefill
-        self.probe_rows: dict[int, int] = {}  # layer -> probe queries scored at the last prefill
-        self._buf: dict[int, list[tuple[torch.Tensor, Any]]] = {}  # layer -> decode-step inputs since re-compression
 
     @property
     def role(self) -> str:  # type: ignore[override]
         return "quantize" if self.mode == "quant" else "evict"
 
+    @property
+    def routes_attention(self) -> bool:  # type: ignore[override]
+        return self.sparse
+
+    def _identity(self) -> bool:
+        return (self.tau >= 1 and self.ratio is None) or self.ratio == 1
+
     # -- hooks -------------------------------------------------------------------------------------
     def attach(self, adapter: Any) -> None:
         super().attach(adapter)
-        self._modules = self_attns(adapter)
-        self._handles = [
-            m.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, m in enumerate(self._modules)
-        ]
-        if self.sparse:
-            self._undo = route_attention(adapter, self._attention)
+        self._tap = AttentionTap(adapter, history=self.every)  # decode-step inputs, scored at re-compression
 
     def detach(self, adapter: Any) -> None:
-        for h in self._handles:
-            h.remove()
-        if self._undo is not None:
-            self._undo()
-        self._handles, self._undo = [], None
-        self.plans, self._buf = {}, {}
+        if self._tap is not None:
+            self._tap.remove()
+            self._tap = None
+        self.plans = {}
         super().detach(adapter)
 
-    def _hook(self, idx: int) -> Any:
-        def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            hidden, pos, cache = attn_input(args, kwargs)
-            past = cache.get_seq_length(idx) if cache is not None else 0
-            if past == 0 and hidden.shape[1] > 1:  # prefill of a new request
-                self.plans[idx] = self._plan(module, hidden, pos, idx)
-                self._buf[idx] = []
-            else:  # decoding: keep this step's input to score it at the next re-compression
-                buf = self._buf.setdefault(idx, [])
-                buf.append((hidden, pos))
-                while sum(h.shape[1] for h, _ in buf) - buf[0][0].shape[1] >= self.every:
-                    buf.pop(0)
+    def extra_stats(self) -> dict[str, Any]:
+        if not self.ratios:
+            return {}
+        return {"important_ratio": sum(self.ratios.values()) / len(self.ratios)}
 
-        return hook
+    # -- prefill stage -----------------------------------------------------------------------------
+    def layers(self, num_layers: int) -> range:
+        return range(num_layers)
 
-    def _plan(self, attn: torch.nn.Module, hidden: torch.Tensor, pos: Any, idx: int) -> torch.Tensor | None:
-        n = hidden.shape[1]
-        if (self.tau >= 1 and self.ratio is None) or self.ratio == 1:
-            self.ratios[idx], self.probe_rows[idx] = 1.0, 0
-            return None
-        r = min(self.probe_max, max(1, math.ceil(self.probe * n)))
-        recent = torch.arange(n - r, n, device=hidden.device)
-        gen = torch.Generator().manual_seed(self.seed)
-        rand = torch.randperm(n - r, generator=gen)[: min(r, n - r)].sort().values.to(hidden.device)
-        rows = torch.cat([rand, recent])
-        self.probe_rows[idx] = rows.numel()
-        q = project_queries(attn, hidden, pos, rows)
-        k = project_keys(attn, hidden, pos)
-        scores = probe_attention(q, k, rows).sum(dim=(0, 1))  # one token set per layer: sum batch and heads
-        counts = visible_counts(rows, torch.arange(n, device=rows.device))
-        keep = important_tokens(scores, counts, self.tau, recent, self.ratio)
-        self.ratios[idx] = keep.numel() / n
-        return keep
-
-    def _attention(
-        self,
-        module: torch.nn.Module,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        mask: Any,
-        fallback: Any,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, Any]:
-        """Sparse prefill: attention among the important tokens only; the others get a zero output."""
-        keep = self.plans.get(module.layer_idx)
-        n = query.shape[2]
-        if keep is None or n == 1 or key.shape[2] != n or keep.numel() >= n:
-            return fallback(module, query, key, value, mask, **kwargs)
-        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
-            mask = mask[:, :, keep][:, :, :, keep]
-        out_t, _ = fallback(module, query[:, :, keep], key[:, :, keep], value[:, :, keep], mask, **kwargs)
-        out = out_t.new_zeros(out_t.shape[0], n, *out_t.shape[2:])
-        out[:, keep] = out_t
-        return out, None
+    def on_layer(self, ctx: Any) -> None:
+        """Score this layer's prompt by probe attention, pick the important set T, route attention among T."""
+        n = ctx.num_tokens
+        keep = None
+        if self._identity():
+            self.ratios[ctx.layer] = 1.0
+        else:
+            r = min(self.probe_max, max(1, math.ceil(self.probe * n)))
+            dev = ctx.hidden.device
+            recent = torch.arange(n - r, n, device=dev)
+            gen = torch.Generator().manual_seed(self.seed)
+            rand = torch.randperm(n - r, generator=gen)[: min(r, n - r)].sort().values.to(dev)
+            rows = torch.cat([rand, recent])
+            scores = ctx.attention(rows).sum(dim=(0, 1))  # one token set per layer: sum batch and heads
+            counts = visible_counts(rows, torch.arange(n, device=dev))
+            keep = important_tokens(scores, counts, self.tau, recent, self.ratio)
+            self.ratios[ctx.layer] = keep.numel() / n
+            if self.sparse:
+                ctx.route(keep)
+        self.plans[ctx.layer] = keep
 
     # -- kv stage ----------------------------------------------------------------------------------
     def wants_update(self, ctx: KVContext) -> bool:
@@ -237,15 +208,15 @@ class ZipVL(KVAccelerator):
                 return torch.ones(b, h, s, dtype=torch.bool, device=keys.device)
             return torch.isin(ctx.entry_positions(keys), keep.to(keys.device))
         high = torch.ones(b, h, s, dtype=torch.bool, device=keys.device)
-        buf = self._buf.get(ctx.layer_idx) or []
-        if not buf or (self.tau >= 1 and self.ratio is None) or self.ratio == 1:
+        buf = self._tap.history.get(ctx.layer_idx) if self._tap is not None else None
+        if not buf or self._identity():
             return high
         hidden = torch.cat([x for x, _ in buf], dim=1)[:, -self.every :]
         cos = torch.cat([p[0] for _, p in buf], dim=1)[:, -self.every :]
         sin = torch.cat([p[1] for _, p in buf], dim=1)[:, -self.every :]
-        self._buf[ctx.layer_idx] = []
+        self._tap.history[ctx.layer_idx] = []
         n = min(hidden.shape[1], s)
-        q = project_queries(self._modules[ctx.layer_idx], hidden[:, -n:], (cos[:, -n:], sin[:, -n:]))
+        q = project_queries(self._tap.modules[ctx.layer_idx], hidden[:, -n:], (cos[:, -n:], sin[:, -n:]))
         allk = ctx.keys_all
         q_pos = torch.arange(ctx.seen - n, ctx.seen, device=keys.device)
         k_pos = torch.full((allk.shape[-2],), -1, dtype=torch.long, device=keys.device)  # older entries: seen by all

@@ -1,6 +1,7 @@
 """ARGenAdapter: the one interface every AR image generator exposes to the decoders.
 
-A decoder (the baseline loop in :mod:`mmfast.decoding`, or SJD / LANTERN / GSD later) only needs:
+A decoder (the baseline loop in :mod:`mmfast.decoding`, or the speculative loop of SJD / LANTERN / GSD /
+EAGLE in :mod:`mmfast.accel.speculative`) only needs:
 
 * ``session = adapter.session(conditions, sampling)``: conditioning prefilled into a KV cache (batch
   doubled for classifier-free guidance);
@@ -128,6 +129,8 @@ class ARGenAdapter:
 
     kind: ClassVar[str] = "argen"
     family: ClassVar[str] = ""
+    #: what the family offers beyond the basics: "draft_head" (EAGLE-style draft heads on its features)
+    capabilities: ClassVar[frozenset[str]] = frozenset()
     #: "class" (labels) or "text" (prompts)
     conditioning: ClassVar[str] = "class"
     string_prompts: ClassVar[bool] = False  # prompts must be strings (tokenized by the adapter's processor)

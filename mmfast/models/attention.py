@@ -15,6 +15,8 @@ Every supported family (Llama / Qwen2 / Qwen2-VL text stacks in transformers 5) 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -65,13 +67,38 @@ def project_keys(
     return _project(attn, "k_proj", "k_norm", hidden, pos_emb, rows)
 
 
+def cache_kwarg(model: nn.Module) -> str:
+    """The keyword a model's ``forward`` / ``generate`` take the KV cache by: ``cache`` from transformers 5.25 on
+    (``past_key_values`` is deprecated there), ``past_key_values`` before."""
+    return _cache_kwarg(type(model))
+
+
+@functools.cache
+def _cache_kwarg(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache of a model / ``generate`` output (``cache`` from transformers 5.25 on, ``past_key_values``
+    before), or None."""
+    cache = getattr(output, "cache", None)
+    return getattr(output, "past_key_values", None) if cache is None else cache
+
+
+def layer_cache(kwargs: dict[str, Any]) -> Any:
+    """The KV cache handed to a decoder layer / attention module (``past_key_values``, or ``cache`` in the newest
+    transformers 5.x), or None."""
+    cache = kwargs.get("past_key_values")
+    return kwargs.get("cache") if cache is None else cache
+
+
 def attn_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, Any, Any]:
-    """(hidden_states, position_embeddings, past_key_values) of a ``self_attn`` call (pre-hook arguments)."""
+    """(hidden_states, position_embeddings, cache) of a ``self_attn`` call (pre-hook arguments)."""
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     pos = kwargs.get("position_embeddings")
     if pos is None and len(args) > 1:
         pos = args[1]
-    return hidden, pos, kwargs.get("past_key_values")
+    return hidden, pos, layer_cache(kwargs)
 
 
 def self_attns(adapter: Any) -> list[nn.Module]:
@@ -83,11 +110,15 @@ class AttentionTap:
     """Forward pre-hooks keeping the latest ``(hidden_states, position_embeddings)`` given to each ``self_attn``.
 
     The references live until the next forward of that layer (no copies). ``latest(i)`` is what layer ``i`` is
-    processing right now when read from inside its ``cache.update``.
+    processing right now when read from inside its ``cache.update``. With ``history=n`` the tap also keeps the
+    inputs of the decoding steps since the last prefill, enough of them to cover the last ``n`` tokens
+    (``history[i]``: oldest first), for policies that score recent tokens by their own queries (ZipVL).
     """
 
-    def __init__(self, adapter: Any):
+    def __init__(self, adapter: Any, history: int = 0):
         self.inputs: dict[int, tuple[torch.Tensor, Any]] = {}
+        self.history_tokens = history
+        self.history: dict[int, list[tuple[torch.Tensor, Any]]] = {}
         self.modules = self_attns(adapter)
         self._handles = [
             m.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, m in enumerate(self.modules)
@@ -95,8 +126,18 @@ class AttentionTap:
 
     def _hook(self, idx: int) -> Callable[..., None]:
         def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            hidden, pos, _ = attn_input(args, kwargs)
+            hidden, pos, cache = attn_input(args, kwargs)
             self.inputs[idx] = (hidden, pos)
+            if not self.history_tokens:
+                return
+            past = cache.get_seq_length(idx) if cache is not None else 0
+            if past == 0 and hidden.shape[1] > 1:  # prefill of a new request
+                self.history[idx] = []
+                return
+            buf = self.history.setdefault(idx, [])
+            buf.append((hidden, pos))
+            while sum(h.shape[1] for h, _ in buf) - buf[0][0].shape[1] >= self.history_tokens:
+                buf.pop(0)
 
         return hook
 
@@ -110,6 +151,7 @@ class AttentionTap:
             h.remove()
         self._handles = []
         self.inputs.clear()
+        self.history.clear()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """A transformers-5 KV cache that KV-stage accelerators can compress inside ``generate``.
 
 Each decoder layer gets a :class:`CompressedLayer` (a ``DynamicLayer``). After the layer's update the
-registered policies (:class:`~mmfast.accel.base.KVAccelerator`) may evict or merge entries. Two numbers
+registered policies (:class:`~mmfast.accel.base.KVAccelerator`, the :class:`~mmfast.types.KVPolicy` protocol) may evict or merge entries. Two numbers
 keep positions right after entries are dropped:
 
 * ``get_seq_length()`` returns the number of tokens *seen* (``cumulative_length``), so ``generate`` keeps
@@ -22,42 +22,13 @@ Batch size 1 is the supported case for eviction (with left padding, evicted rows
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from mmfast.kernels.kv_quant import QTensor, dequantize, meta_dtype, quantize
-
-if TYPE_CHECKING:  # pragma: no cover
-    from mmfast.accel.base import KVAccelerator
-    from mmfast.models.vlm import Span
-
-
-@dataclass
-class KVContext:
-    """What a KV policy knows when it is called for one layer."""
-
-    layer_idx: int
-    phase: str  # "prefill" (the first update of this layer) or "decode"
-    seen: int  # tokens seen by this layer so far, including this update
-    new: int  # tokens added by this update
-    prompt_len: int = 0  # length of the prompt (first update)
-    spans: list[Span] = field(default_factory=list)  # visual-token spans in the prompt
-    shared: dict[str, Any] = field(default_factory=dict)  # per-request scratch space shared by all layers
-    #: (B, kv_heads, S_all, D): every entry this update's attention reads (dequantized segments, tail, new tokens)
-    keys_all: torch.Tensor | None = None
-    #: (B, kv_heads, S) original positions of the entries handed to the current policy, or None when they are
-    #: contiguous (the newest S positions). A policy that drops or reorders entries sets it for the next one.
-    positions: torch.Tensor | None = None
-
-    def entry_positions(self, keys: torch.Tensor) -> torch.Tensor:
-        """(B, kv_heads, S) original positions of ``keys`` (the entries handed to the current policy)."""
-        if self.positions is not None:
-            return self.positions
-        b, h, s = keys.shape[:3]
-        return torch.arange(self.seen - s, self.seen, device=keys.device).expand(b, h, s)
+from mmfast.types import KVContext, KVPolicy
 
 
 class KVSegment:
@@ -177,7 +148,9 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 class CompressedLayer(DynamicLayer):
     """A dynamic cache layer whose stored entries can be evicted, merged or quantized by policies."""
 
-    def __init__(self, layer_idx: int, policies: list[KVAccelerator], shared: dict[str, Any]):
+    is_croppable = False  # evicted entries cannot be restored (assisted generation refuses such caches up front)
+
+    def __init__(self, layer_idx: int, policies: list[KVPolicy], shared: dict[str, Any]):
         super().__init__()
         self.layer_idx = layer_idx
         self.policies = policies
@@ -259,7 +232,7 @@ class CompressedCache(DynamicCache):
     """``DynamicCache`` made of :class:`CompressedLayer` s sharing one list of policies (evictions run before
     quantizations, whatever order the methods were attached in)."""
 
-    def __init__(self, num_layers: int, policies: list[KVAccelerator], shared: dict[str, Any] | None = None):
+    def __init__(self, num_layers: int, policies: list[KVPolicy], shared: dict[str, Any] | None = None):
         self.shared: dict[str, Any] = shared if shared is not None else {}
         policies = sorted(policies, key=lambda p: getattr(p, "role", "evict") == "quantize")
         Cache.__init__(self, layers=[CompressedLayer(i, policies, self.shared) for i in range(num_layers)])

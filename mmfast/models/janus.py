@@ -26,6 +26,7 @@ from PIL import Image
 
 from mmfast.errors import ConfigError, InvalidInputError, UnsupportedModelError
 from mmfast.models.argen import ARGenAdapter, ARGenSession, Sampling, load_hf_generator, to_pil
+from mmfast.models.attention import cache_kwarg
 
 
 def hf_sampling_kwargs(sampling: Sampling) -> dict[str, Any]:
@@ -83,7 +84,7 @@ class CachedLMSession(ARGenSession):
             inputs_embeds=embeds,
             attention_mask=mask,
             position_ids=position_ids,
-            past_key_values=self.cache,
+            **{cache_kwarg(self.lm): self.cache},
             use_cache=True,
         )
         return out.last_hidden_state

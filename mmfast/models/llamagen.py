@@ -523,13 +523,15 @@ class LlamaGenSession(ARGenSession):
 
 
 class LlamaGenAdapter(ARGenAdapter):
-    """:class:`ARGenAdapter` over mmfast's :class:`LlamaGen` + :class:`VQModel`.
+    """:class:`ARGenAdapter` over mmfast's :class:`LlamaGen` + :class:`VQModel` (offers EAGLE draft heads).
 
     Class-conditional models take labels: ints, or prompts resolved through ``id2label`` ("7", "digit 7",
     "seven"). Text-conditional models take caption features ``(T, caption_dim)`` per prompt (the valid tokens,
     left-padded here as in the official sampler), or strings when a ``text_encoder`` (``list[str] -> list[(T, C)]``)
     is given.
     """
+
+    capabilities = frozenset({"draft_head"})
 
     family = "llamagen"
 
@@ -621,6 +623,32 @@ class LlamaGenAdapter(ARGenAdapter):
         if self.vq is None:
             raise UnsupportedModelError("this LlamaGen adapter has no VQ tokenizer.")
         return self.vq
+
+    # ---- draft heads (capability "draft_head"): what an EAGLE-style head needs of the target ---------------
+    @property
+    def feature_dim(self) -> int:
+        return self.gpt.config.dim
+
+    def draft_block(self) -> nn.Module:
+        """A fresh decoder block of this GPT's shape (the draft head's one layer)."""
+        return TransformerBlock(self.gpt.config, 0.0)
+
+    def draft_rope(self, positions: torch.Tensor) -> torch.Tensor:
+        """The GPT's 2-D RoPE at image ``positions`` (T,)."""
+        cfg = self.gpt.config
+        return rope_2d(positions, cfg.grid_size, cfg.head_dim, cfg.rope_base)
+
+    def capture_features(self, fn: Callable[[torch.Tensor], None]) -> Any:
+        """Call ``fn(features (B', T, d))`` with the normed hidden states of every forward; returns the hook handle."""
+        return self.gpt.norm.register_forward_hook(lambda _m, _i, out: fn(out))
+
+    def draft_embeddings(self) -> torch.Tensor:
+        """(V, d) input embeddings of the image tokens."""
+        return self.gpt.tok_embeddings.weight
+
+    def feature_logits(self, feats: torch.Tensor) -> torch.Tensor:
+        """The GPT's output layer on features (..., d) -> raw logits (..., V)."""
+        return self.gpt.output(feats)
 
     def codebook_embeddings(self) -> torch.Tensor:
         """(V, D) raw VQ codebook vectors (pre-normalisation)."""

@@ -8,22 +8,33 @@ the merger folds ``m x m`` neighbouring patches (``spatial_merge_size``) into on
 Positions are M-RoPE: ``generate`` feeds 4-row position ids (a text row, then temporal / height / width).
 Reduced prompts keep the original 3-D positions of kept tokens (the rotary angles still say where each kept
 token was in the image) and renumber only the text row, which transformers uses for masking.
+
+Tower statistics: the vision blocks use windowed attention with rotary angles (Qwen2.5-VL) over packed
+sequences, so the only attention offered is the mean attention each patch receives in the last block (per
+attention window), summed over the ``m x m`` patches of an LLM token; keys are not offered.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import torch
 from transformers import BatchFeature
 
-from mmfast.models.vlm import VisualTokens, VLMAdapter, register_adapter
+from mmfast.models.vision import TowerProbe, received_attention
+from mmfast.models.vlm import VLMAdapter
+from mmfast.types import VisualTokens
 
 
-@register_adapter
 class Qwen2VLAdapter(VLMAdapter):
     family = "qwen2_vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
+    capabilities = frozenset({"tower_probe"})
+
+    @property
+    def tower_layers(self) -> int:
+        return len(self.model.model.visual.blocks)
 
     def _items(self, inputs: BatchFeature, modality: str) -> list[VisualTokens]:
         key = "pixel_values" if modality == "image" else "pixel_values_videos"
@@ -41,8 +52,44 @@ class Qwen2VLAdapter(VLMAdapter):
             )
         return items
 
-    def visual_tokens(self, inputs: BatchFeature) -> list[VisualTokens]:
-        return self._items(inputs, "image") + self._items(inputs, "video")
+    def visual_tokens(self, inputs: BatchFeature, probe: TowerProbe | None = None) -> list[VisualTokens]:
+        if not probe or probe.pick(("received",)) is None:
+            return self._items(inputs, "image") + self._items(inputs, "video")
+        calls: list[torch.Tensor] = []
+        attn = self.model.model.visual.blocks[-1].attn
+        handle = attn.register_forward_pre_hook(_received_hook(calls), with_kwargs=True)
+        try:
+            items = self._items(inputs, "image") + self._items(inputs, "video")
+        finally:
+            handle.remove()
+        try:
+            maps = self._map_patch_values(inputs, calls)
+        except Exception:  # an unexpected layout: the method goes on without the statistic
+            maps = []
+        for i, item in enumerate(items):
+            if i < len(maps) and maps[i].shape[0] == len(item):
+                item.tower["attention"] = maps[i].to(item.features.device).flatten()
+        return items
+
+    def _map_patch_values(self, inputs: BatchFeature, calls: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-patch values (in the tower's window order for Qwen2.5-VL) -> per LLM token (sum over its patches)."""
+        cfg = self.config
+        m = cfg.vision_config.spatial_merge_size
+        out: list[torch.Tensor] = []
+        calls = list(calls)
+        for key in ("image", "video"):
+            if f"{key}_grid_thw" not in inputs or not calls:
+                continue
+            grid = inputs[f"{key}_grid_thw"]
+            units = calls.pop(0).view(-1, m * m).sum(-1)
+            if self.config.model_type == "qwen2_5_vl":
+                from transformers.vision_utils import get_vision_window_index
+
+                vc = cfg.vision_config
+                widx, _ = get_vision_window_index(grid, m, vc.window_size, vc.patch_size)
+                units = units[torch.argsort(widx.to(units.device))]
+            out.extend(units.split((grid.prod(-1) // (m * m)).tolist()))
+        return out
 
     def original_position_ids(self, inputs: BatchFeature) -> torch.Tensor | None:
         kwargs = {k: v for k, v in inputs.items() if k != "input_ids"}
@@ -61,3 +108,23 @@ class Qwen2VLAdapter(VLMAdapter):
 
     def video_kwargs(self) -> dict[str, Any]:
         return {"do_sample_frames": False}
+
+
+def _received_hook(calls: list[torch.Tensor]) -> Any:
+    """Pre-hook on a Qwen vision block's attention: mean attention each patch receives, per attention window."""
+
+    @torch.no_grad()
+    def hook(module: Any, args: tuple, kwargs: dict) -> None:
+        h = args[0] if args else kwargs["hidden_states"]
+        cu = kwargs["cu_seqlens"]
+        cos, sin = kwargs["position_embeddings"]
+        rope = importlib.import_module(type(module).__module__).apply_rotary_pos_emb_vision
+        n = h.shape[0]
+        q, k, _ = module.qkv(h).reshape(n, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = rope(q, k, cos, sin)
+        out = torch.zeros(n, device=h.device)
+        for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            out[s:e] = received_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), module.scaling)
+        calls.append(out)
+
+    return hook

@@ -1,19 +1,26 @@
 """VLMAdapter: the one place that knows how a Hugging Face VLM family is put together.
 
-Accelerators never touch a model directly; they talk to an adapter, which gives them
+Accelerators never touch a model directly; they talk to an adapter (one small subclass per family in
+:mod:`mmfast.models.llava` / :mod:`mmfast.models.qwen_vl`), which gives them
 
 * **vision stage**: the visual tokens of each image / video as the language model would read them
-  (:class:`VisualTokens`: features plus their grid coordinates), computed by the model's *own*
-  ``get_image_features`` / ``get_video_features`` exactly as ``generate`` calls them;
-* **prefill stage**: the decoder layers (:attr:`VLMAdapter.decoder_layers`) to hook;
+  (:class:`~mmfast.types.VisualTokens`: features plus grid coordinates and anchors), computed by the model's *own*
+  ``get_image_features`` / ``get_video_features`` exactly as ``generate`` calls them, optionally with per-token
+  tower statistics (:meth:`VLMAdapter.visual_tokens` with a :class:`~mmfast.models.vision.TowerProbe`: the tower's
+  attention and keys mapped through the family's layout); the tower as plain ViT blocks
+  (:meth:`VLMAdapter.vision_tower`, for merging inside it); the tower features of every crop before the
+  projector, the projector, and the family's layout of pooled crops (:meth:`VLMAdapter.tower_features`,
+  :meth:`VLMAdapter.project`, :meth:`VLMAdapter.grid_items`, for a method with its own pooling / projector);
+* **prefill stage**: a :class:`~mmfast.models.prefill.PrefillStage` calling the methods inside the decoder layers;
 * **kv stage**: a :class:`~mmfast.models.cache.CompressedCache` built for the language model;
-* metadata: :class:`Span` s giving where every image / frame sits in the prompt. Nothing hard-codes token
-  counts or offsets: they are read off the processor outputs and the feature shapes.
+* metadata: :class:`~mmfast.types.Span` s giving where every image / frame sits in the prompt. Nothing hard-codes
+  token counts or offsets: they are read off the processor outputs and the feature shapes.
 
-Generation always goes through :meth:`VLMAdapter.generate`: encode → vision methods → rebuild the prompt
-(placeholder runs resized, embeddings scattered, family position ids) → ``model.generate(inputs_embeds=...)``.
-With no method attached the rebuilt prompt is the one the model would build itself, so the answer is
-token-identical to plain ``model.generate`` (tested on every family).
+What a family offers beyond the basics is listed in ``capabilities`` (methods name what they need in
+``requires``). Generation always goes through :meth:`VLMAdapter.generate`: encode -> vision methods -> rebuild the
+prompt (placeholder runs resized, embeddings scattered, family position ids) -> ``model.generate(inputs_embeds=
+...)`` with the prefill stage and the compressed cache. With no method attached the rebuilt prompt is the one the
+model would build itself, so the answer is token-identical to plain ``model.generate`` (tested on every family).
 """
 
 from __future__ import annotations
@@ -21,138 +28,19 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from transformers import BatchFeature, PreTrainedModel
 
 from mmfast.errors import IncompatibleAcceleratorError, InvalidInputError, UnsupportedModelError
+from mmfast.models.attention import cache_kwarg, output_cache
 from mmfast.models.cache import CompressedCache, kv_bytes, stored_tokens
-
-# --------------------------------------------------------------------------------------------------
-# metadata
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class VisualTokens:
-    """The visual tokens of one image or one video, in the order the language model reads them.
-
-    Attributes:
-        features: (N, D) embeddings in the LLM's input space (after the projector).
-        coords: (N, 4) long, per token ``(g, t, y, x)``: sub-grid (e.g. anyres base view 0 / high-res view 1),
-            frame / temporal index, row, column. Layout tokens that carry no patch (LLaVA-OneVision's
-            newline) have ``x == -1``; a row newline keeps its row ``y``, a trailing newline has ``y == -1``.
-        source: (N,) long, index of the original token each token stands in for (its anchor: the token whose
-            sequence position and position id it takes). Strictly increasing.
-        sizes: (N,) float, how many original tokens each token represents (1 unless merged).
-        kind: ``"image"`` or ``"video"``.
-        index: which image / video of the prompt this is.
-        token_id: the placeholder token id these tokens fill in ``input_ids``.
-        n_original: number of tokens before any reduction.
-        grids: per sub-grid ``g``: ``(rows, cols)`` of the original layout.
-    """
-
-    features: torch.Tensor
-    coords: torch.Tensor
-    source: torch.Tensor
-    sizes: torch.Tensor
-    kind: str
-    index: int
-    token_id: int
-    n_original: int
-    grids: dict[int, tuple[int, int]] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return int(self.features.shape[0])
-
-    @property
-    def layout_mask(self) -> torch.Tensor:
-        """(N,) bool: True for layout tokens (newlines) that reductions keep as they are."""
-        return self.coords[:, 3] < 0
-
-    @property
-    def num_frames(self) -> int:
-        t = self.coords[:, 1]
-        return int(t.max().item()) + 1 if len(t) and t.max() >= 0 else 1
-
-    def select(self, idx: torch.Tensor) -> VisualTokens:
-        """Keep the tokens at ``idx`` (any order in; sorted by anchor out)."""
-        idx = torch.as_tensor(idx, dtype=torch.long, device=self.features.device)
-        idx = idx[torch.argsort(self.source[idx])]
-        return replace(
-            self,
-            features=self.features[idx],
-            coords=self.coords[idx],
-            source=self.source[idx],
-            sizes=self.sizes[idx],
-        )
-
-    def with_tokens(
-        self, features: torch.Tensor, coords: torch.Tensor, source: torch.Tensor, sizes: torch.Tensor
-    ) -> VisualTokens:
-        """A copy holding new tokens, sorted by anchor."""
-        order = torch.argsort(source)
-        return replace(self, features=features[order], coords=coords[order], source=source[order], sizes=sizes[order])
-
-    @classmethod
-    def from_grid(
-        cls,
-        features: torch.Tensor,
-        blocks: Sequence[tuple[int, int, int, int, bool]],
-        *,
-        kind: str,
-        index: int,
-        token_id: int,
-    ) -> VisualTokens:
-        """Build from a layout given as blocks ``(g, frames, rows, cols, newline_per_row)`` in reading order,
-        plus an optional trailing newline block ``(g, 0, 0, 0, True)`` (one token with ``y = x = -1``)."""
-        coords = []
-        grids: dict[int, tuple[int, int]] = {}
-        for g, frames, rows, cols, newline in blocks:
-            if frames == 0:  # a single trailing newline token
-                coords.append(torch.tensor([[g, -1, -1, -1]]))
-                continue
-            grids[g] = (rows, cols)
-            t, y, x = torch.meshgrid(
-                torch.arange(frames), torch.arange(rows), torch.arange(cols + (1 if newline else 0)), indexing="ij"
-            )
-            x = torch.where(x == cols, torch.full_like(x, -1), x) if newline else x
-            c = torch.stack([torch.full_like(t, g), t, y, x], dim=-1).reshape(-1, 4)
-            coords.append(c)
-        coords_t = torch.cat(coords).to(features.device)
-        n = features.shape[0]
-        if coords_t.shape[0] != n:
-            raise UnsupportedModelError(
-                f"Could not infer the layout of {n} visual tokens (expected {coords_t.shape[0]} from the config)."
-            )
-        return cls(
-            features=features,
-            coords=coords_t,
-            source=torch.arange(n, device=features.device),
-            sizes=torch.ones(n, device=features.device),
-            kind=kind,
-            index=index,
-            token_id=token_id,
-            n_original=n,
-            grids=grids,
-        )
-
-
-@dataclass
-class Span:
-    """Where one image, or one frame of a video, sits in the (possibly reduced) prompt: ``[start, end)``."""
-
-    kind: str  # "image" | "frame" | "video"
-    item: int  # index of the image / video in the prompt
-    start: int
-    end: int
-    frame: int | None = None
-
-    def __len__(self) -> int:
-        return self.end - self.start
+from mmfast.models.prefill import PrefillStage
+from mmfast.models.vision import TowerProbe, VisionTower
+from mmfast.types import Span, Stage, VisualTokens
 
 
 @dataclass
@@ -177,10 +65,10 @@ class VLMAdapter:
     family: ClassVar[str] = ""
     model_types: ClassVar[tuple[str, ...]] = ()
     supports_video: ClassVar[bool] = True
-    #: how reduced prompts get position ids: "compact" renumbers 0..L'-1 (what a shorter prompt would get);
-    #: "original" keeps each kept token's original position (FastV-style). M-RoPE families keep the original
-    #: 3-D positions of kept visual tokens either way.
-    position_policy: str = "compact"
+    #: what the family offers beyond the basics: "tower_probe" (tower attention / keys per token),
+    #: "vit_blocks" (:meth:`vision_tower`), "tower_features" (:meth:`tower_features` / :meth:`project` /
+    #: :meth:`grid_items`)
+    capabilities: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, model: PreTrainedModel, processor: Any):
         self.model = model
@@ -195,8 +83,6 @@ class VLMAdapter:
 
     # ---- accelerator registration --------------------------------------------------------------
     def add_accelerator(self, acc: Any) -> None:
-        from mmfast.accel.base import Stage
-
         for stage in acc.stages:
             if stage == Stage.VISION:
                 self.vision_methods.append(acc)
@@ -285,21 +171,53 @@ class VLMAdapter:
         kwargs = {k: inputs[k] for k in params if k != "kwargs" and k in inputs}
         return fn(**kwargs, return_dict=True).pooler_output
 
-    def visual_tokens(self, inputs: BatchFeature) -> list[VisualTokens]:
-        """Visual tokens of every image, then every video, of a single prompt (batch size 1)."""
+    def visual_tokens(self, inputs: BatchFeature, probe: TowerProbe | None = None) -> list[VisualTokens]:
+        """Visual tokens of every image, then every video, of a single prompt (batch size 1).
+
+        With a ``probe`` (and the ``"tower_probe"`` capability) each item's ``tower`` dict holds the wanted
+        statistics of the last tower layer feeding the features, aligned with its tokens (0 on layout tokens):
+        ``"attention"`` (N,) and ``"keys"`` (N, C); a statistic the tower cannot give, or a prompt whose layout
+        could not be matched, is left out."""
         raise NotImplementedError
 
     def encode(self, inputs: BatchFeature) -> list[VisualTokens]:
-        """:meth:`visual_tokens`, unless an attached vision method encodes itself: a method with an
-        ``encode(adapter, inputs)`` hook (merging inside the ViT, its own projector) may return the items, or
-        None to leave the default path (its ``reduce`` still runs afterwards)."""
+        """:meth:`visual_tokens`, unless an attached vision method encodes itself (its ``encode`` hook returns the
+        items: merging inside the ViT, its own projector); that method's ``reduce`` still runs afterwards."""
         for method in self.vision_methods:
-            hook = getattr(method, "encode", None)
-            if hook is not None:
-                items = hook(self, inputs)
-                if items is not None:
-                    return items
+            items = method.encode(self, inputs)
+            if items is not None:
+                return items
         return self.visual_tokens(inputs)
+
+    @property
+    def tower_layers(self) -> int:
+        """How many vision tower layers feed the LLM tokens."""
+        raise NotImplementedError
+
+    def vision_tower(self, inputs: BatchFeature) -> VisionTower | None:
+        """This prompt's image crops and the tower as plain ViT blocks (``"vit_blocks"``), or None when the tower
+        is not a plain ViT or the prompt's layout cannot take merged tokens (e.g. videos pooled after the
+        projector, anyres grids that are interpolated)."""
+        return None
+
+    def tower_features(self, inputs: BatchFeature, modality: str) -> torch.Tensor | None:
+        """(crops, s * s, D_vision): the selected tower hidden states of every ``"image"`` crop / ``"video"`` frame,
+        before the projector, as ``get_*_features`` selects them; None when the prompt has no such input."""
+        raise NotImplementedError
+
+    def native_side(self, modality: str) -> int:
+        """Side of the square grid the LLM natively reads per crop (``"image"``) or per frame (``"video"``)."""
+        raise NotImplementedError
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The family's projector (vision width -> LLM width)."""
+        raise NotImplementedError
+
+    def grid_items(self, inputs: BatchFeature, modality: str, grids: torch.Tensor) -> list[VisualTokens]:
+        """Lay out projected ``grids`` (crops, n, n, D), one per crop / frame of :meth:`tower_features`, as the
+        family lays out its own features (anyres base view + unpadded tiles with row newlines, frames, trailing
+        newline), with anchors into the native layout."""
+        raise NotImplementedError
 
     # ---- prompt rebuilding -----------------------------------------------------------------------
     def original_position_ids(self, inputs: BatchFeature) -> torch.Tensor | None:
@@ -356,12 +274,19 @@ class VLMAdapter:
         pos = self.original_position_ids(inputs)
         if pos is not None:
             out["position_ids"] = self.reduce_position_ids(pos, kept_pos)
-        elif self.position_policy == "original" and kept_pos.numel() != ids.numel():
+        elif self.position_policy() == "original" and kept_pos.numel() != ids.numel():
             out["position_ids"] = kept_pos[None].clone()
         return out, spans
 
     def reduce_position_ids(self, pos: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         return pos[..., kept]
+
+    def position_policy(self) -> str:
+        """How a reduced prompt is numbered: ``"compact"`` (0..L'-1) unless an attached vision method asks for
+        ``"original"`` (each kept token keeps its position). M-RoPE families keep the original 3-D positions of
+        kept visual tokens either way."""
+        policies = {getattr(m, "positions", "compact") for m in self.vision_methods}
+        return "original" if "original" in policies else "compact"
 
     @staticmethod
     def _spans(item: VisualTokens, where: torch.Tensor) -> list[Span]:
@@ -418,14 +343,17 @@ class VLMAdapter:
         self._last_spans = spans
         cache = self.make_cache(spans)
         if cache is not None:
-            gen_inputs["past_key_values"] = cache
+            gen_inputs[cache_kwarg(self.model)] = cache
+        stage = None
+        if self.prefill_methods:
+            stage = PrefillStage(self, self.prefill_methods, spans, cache.shared if cache is not None else None)
 
         marks: dict[str, Any] = {}
 
         def on_forward(_module: Any, _args: Any, output: Any) -> None:
             if "prefill_end" not in marks:
                 marks["prefill_end"] = time.perf_counter()
-                pkv = getattr(output, "past_key_values", None)
+                pkv = output_cache(output)
                 marks["kv_prefill"] = kv_bytes(pkv)
                 marks["kv_tokens_prefill"] = stored_tokens(pkv)
 
@@ -434,9 +362,10 @@ class VLMAdapter:
         kwargs.setdefault("pad_token_id", self._pad_id())
         handle = self.model.register_forward_hook(on_forward)
         try:
-            if answer_from_kv and cache is not None:
-                self._prefill_head(gen_inputs, self.generation_prompt_length())
-            out = self.model.generate(**gen_inputs, **kwargs, return_dict_in_generate=True)
+            with stage if stage is not None else nullcontext():
+                if answer_from_kv and cache is not None:
+                    self._prefill_head(gen_inputs, self.generation_prompt_length())
+                out = self.model.generate(**gen_inputs, **kwargs, return_dict_in_generate=True)
         finally:
             handle.remove()
         t_end = time.perf_counter()
@@ -451,23 +380,26 @@ class VLMAdapter:
             "prompt_tokens": int(prompt_len),
             "vision_crops": self.vision_crops(inputs),
             "kv_bytes": int(marks.get("kv_prefill", 0)),
-            "kv_bytes_end": int(kv_bytes(out.past_key_values)),
+            "kv_bytes_end": int(kv_bytes(output_cache(out))),
             "kv_tokens": int(marks.get("kv_tokens_prefill", 0)),
-            "kv_tokens_end": int(stored_tokens(out.past_key_values)),
+            "kv_tokens_end": int(stored_tokens(output_cache(out))),
             "prefill_ms": (prefill_end - t0) * 1e3,
             "decode_ms": (t_end - prefill_end) * 1e3,
             "new_tokens": n_new,
         }
         stats["decode_ms_per_token"] = stats["decode_ms"] / max(n_new - 1, 1)
+        if stage is not None:  # per layer: tokens processed, tokens attention ran among, probe rows
+            stats["prefill_layers"] = stage.records
         return GenerationResult(new_tokens=new, text=text, stats=stats, spans=spans)
 
     def _prefill_head(self, gen_inputs: dict[str, Any], tail: int) -> None:
-        """Run the prompt minus its last ``tail`` tokens into ``gen_inputs["past_key_values"]`` (the KV methods
+        """Run the prompt minus its last ``tail`` tokens into the cache in ``gen_inputs`` (the KV methods
         compress it), then all but the last prompt token one at a time; ``generate`` continues from that cache
         with the last one. One token per forward because an eviction policy may keep a different number of
         entries per layer, which a multi-token causal mask (built from layer 0's length) cannot describe."""
         total = gen_inputs["input_ids"].shape[1]
-        cache = gen_inputs["past_key_values"]
+        key = cache_kwarg(self.model)
+        cache = gen_inputs[key]
         start = total - tail
         if start < 1:
             return
@@ -476,7 +408,7 @@ class VLMAdapter:
             chunk["attention_mask"] = gen_inputs["attention_mask"][:, :hi]
             if "position_ids" in gen_inputs:
                 chunk["position_ids"] = gen_inputs["position_ids"][..., lo:hi]
-            self.model(**chunk, past_key_values=cache, use_cache=True)
+            self.model(**chunk, **{key: cache}, use_cache=True)
 
     @staticmethod
     def vision_crops(inputs: BatchFeature) -> int:
@@ -494,29 +426,3 @@ class VLMAdapter:
         tok = self.tokenizer
         pad = getattr(tok, "pad_token_id", None)
         return pad if pad is not None else getattr(tok, "eos_token_id", None)
-
-
-# --------------------------------------------------------------------------------------------------
-# registry of adapters by model_type
-# --------------------------------------------------------------------------------------------------
-ADAPTERS: dict[str, type[VLMAdapter]] = {}
-
-
-def register_adapter(cls: type[VLMAdapter]) -> type[VLMAdapter]:
-    for mt in cls.model_types:
-        ADAPTERS[mt] = cls
-    return cls
-
-
-def adapter_for(model: PreTrainedModel, processor: Any) -> VLMAdapter:
-    """The adapter for ``model`` (chosen by ``config.model_type``)."""
-    import mmfast.models.llava  # noqa: F401  (registers adapters)
-    import mmfast.models.qwen_vl  # noqa: F401
-
-    mt = getattr(model.config, "model_type", "")
-    if mt not in ADAPTERS:
-        raise UnsupportedModelError(
-            f"No mmfast adapter for model_type {mt!r} ({type(model).__name__}). "
-            f"Supported: {', '.join(sorted(ADAPTERS))}."
-        )
-    return ADAPTERS[mt](model, processor)

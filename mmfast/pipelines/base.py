@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 from tqdm.auto import tqdm
 
-from mmfast.accel.base import Composed
+from mmfast.accel.spec import Composed
 from mmfast.errors import InvalidInputError
 from mmfast.models.vlm import VLMAdapter
 
@@ -102,7 +102,7 @@ class VLMPipeline:
     def _answer(self, inputs: Any, gen_kwargs: dict[str, Any]) -> dict[str, Any]:
         with self.accelerate(self.adapter):
             result = self.adapter.generate(inputs, **gen_kwargs)
-        stats = {"method": self.accelerate.spec(), **result.stats}
+        stats = {"method": self.accelerate.spec(), **result.stats, **self.accelerate.extra_stats()}
         return {"answer": result.text, "stats": stats}
 
     @staticmethod

@@ -8,11 +8,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from mmfast.accel.base import Composed, Stage
+from mmfast.accel.spec import Composed
 from mmfast.decoding import DecodeResult, ar_decode
 from mmfast.errors import InvalidInputError
 from mmfast.models.argen import ARGenAdapter, Sampling
 from mmfast.pipelines.outputs import ImageGenOutput
+from mmfast.types import Stage
 
 
 class ImageGenPipeline:

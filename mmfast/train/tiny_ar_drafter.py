@@ -19,7 +19,25 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mmfast.accel.eagle import EagleHead, drafter_loss, save_drafter
+from mmfast.accel.eagle import EagleHead, save_drafter
+
+
+def drafter_loss(head: EagleHead, gpt: Any, tokens: torch.Tensor, cond: torch.Tensor, feat_noise: float = 0.0) -> torch.Tensor:
+    """EAGLE loss on teacher-forced real sequences: SmoothL1(f̂_j, f_j) + 0.1 CE(output(f̂_j), x_{j+1}).
+
+    tokens (B, N) image tokens; cond (B,) labels (use the null class for some rows to learn unconditional drafts).
+    """
+    feats: list[torch.Tensor] = []
+    hook = gpt.norm.register_forward_hook(lambda _m, _i, out: feats.append(out))
+    with torch.no_grad():
+        gpt(tokens[:, :-1], cond, drop=torch.zeros(len(cond), dtype=torch.bool))  # features at positions -1..N-2
+    hook.remove()
+    f = feats[0].float()  # (B, N, d): f[:, j] = feature at position j - 1
+    inp = f[:, :-1] + feat_noise * torch.randn_like(f[:, :-1])
+    pred = head(inp, gpt.tok_embeddings(tokens[:, :-1]).float(), torch.arange(tokens.shape[1] - 1, device=tokens.device))
+    target = f[:, 1:]  # feature at position j predicts x_{j+1}
+    logits = gpt.output(pred).float()
+    return F.smooth_l1_loss(pred, target) + 0.1 * F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 
 
 def _jitter(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -60,7 +78,7 @@ def train_drafter(
     labels = torch.as_tensor(y, dtype=torch.long)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    head = EagleHead(gpt)
+    head = EagleHead(adapter)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     t0, losses = time.perf_counter(), []

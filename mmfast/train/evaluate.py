@@ -3,7 +3,7 @@
 Everything goes through the real pipeline path (``pipe(image=..., question=...)`` / ``pipe(video=...)``: chat
 template, processor, the pipeline's accelerators, greedy ``generate``), so the numbers are what a user of
 ``mmfast.pipeline(...)`` gets, with or without an ``accelerate=`` method. Answers are exact matches after
-``.strip()``. Samples come from :mod:`mmfast.zoo.data` (held-out photos and seeds, objects off the patch grid).
+``.strip()``. Samples come from :mod:`mmfast.train.data` (held-out photos and seeds, objects off the patch grid).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from mmfast.errors import ConfigError
 from mmfast.pipelines.base import VLMPipeline
 from mmfast.pipelines.image_qa import ImageQAPipeline
 from mmfast.pipelines.video_qa import VideoQAPipeline
-from mmfast.zoo import data as D
+from mmfast.train import data as D
 
 __all__ = ["evaluate_vlm", "format_report"]
 
@@ -70,7 +70,7 @@ def evaluate_vlm(
     Args:
         pipe: an ``image-qa`` / ``video-qa`` / ``image-caption`` pipeline; the other modality is evaluated with a
             pipeline sharing its model and accelerators (videos are skipped for image-only models).
-        split, seed: the data stream (:func:`mmfast.zoo.data.image_dataset`); ``"heldout"`` for reported numbers.
+        split, seed: the data stream (:func:`mmfast.train.data.image_dataset`); ``"heldout"`` for reported numbers.
         num_frames: frames per clip (8-32), all passed to the model (the pipeline samples ``num_frames`` of them).
         hold: show each frame ``hold`` times in a row: a long video of ``num_frames * hold`` frames with the same
             events and answers (the temporal redundancy of a long recording at a high frame rate).

@@ -15,7 +15,7 @@ so every patch reached the language model twice and dropping a random 75% of the
 the image positions visible (measured: ``random(keep=0.25)`` lost only 4.6 points). Overview + tiles is the
 structure the real model has on real (large) images: the detail lives once, in the tiles.
 
-Tokenizer: word level over :func:`mmfast.zoo.data.vocabulary` plus role / prompt words and the special tokens,
+Tokenizer: word level over :func:`mmfast.train.data.vocabulary` plus role / prompt words and the special tokens,
 with a Qwen-style chat template (``<|im_start|>user\\n<image>\\nquestion<|im_end|>\\n<|im_start|>assistant\\n``);
 answers end with ``<|im_end|>`` (the eos), so generation stops by itself.
 
@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mmfast.errors import ConfigError, MMFastError
-from mmfast.zoo import data as D
+from mmfast.train import data as D
 
 if TYPE_CHECKING:
     import torch
@@ -501,7 +501,7 @@ def _grid_targets(scene: D.Scene, grid: int, absolute: bool, tile_position: str 
 
 def tower_targets(scene: D.Scene, tile_position: str = "blank") -> dict[str, np.ndarray]:
     """Per-patch targets of the 5 crops of one scene (base view, then the tiles in raster order), each (5, 36) or
-    (5, 36, 4): the covering object's colour / shape / size / region (:func:`mmfast.zoo.data.patch_labels` at the
+    (5, 36, 4): the covering object's colour / shape / size / region (:func:`mmfast.train.data.patch_labels` at the
     crop's cell size), ``centre`` (1 on the patch holding an object's centre), ``geom`` (offset of that object's
     centre from the patch centre in patches, and its position in [-1, 1]) and ``geom_w`` (which geom entries count)."""
     base = _grid_targets(scene, VIEW_GRID, absolute=True)

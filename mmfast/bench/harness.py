@@ -1,4 +1,4 @@
-"""Side-by-side benchmark harness: the baseline and every method in ONE process, interleaved, medians.
+"""The side-by-side benchmark harness: the baseline and every method in ONE process, interleaved, medians.
 
 ``mmfast bench SUITE --accelerate SPEC [--accelerate SPEC ...] --repeats N --json out.json --md out.md``
 
@@ -62,38 +62,6 @@ def median(xs: Sequence[float]) -> float | None:
 
 
 # --------------------------------------------------------------------------------------------------
-# FLOPs (for the ideal speed-up beside the measured one)
-# --------------------------------------------------------------------------------------------------
-def transformer_flops(
-    n: int, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, head_dim: int, gated: bool, causal: bool
-) -> float:
-    """Forward FLOPs of ``layers`` transformer blocks on ``n`` tokens (matmuls only; 2 FLOPs per MAC)."""
-    proj = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2  # q, o and k, v
-    mlp = hidden * intermediate * (3 if gated else 2)
-    attn = 2 * n * n * heads * head_dim * (0.5 if causal else 1.0)  # QK^T and AV (2 matmuls, MAC=2 flops → x2 / 2)
-    return layers * (2 * n * (proj + mlp) + 2 * attn)
-
-
-def lm_flops(text_config: Any, n: int) -> float:
-    heads = text_config.num_attention_heads
-    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
-    kv = getattr(text_config, "num_key_value_heads", None) or heads
-    return transformer_flops(
-        n, text_config.hidden_size, text_config.intermediate_size, text_config.num_hidden_layers, heads, kv, head_dim,
-        gated=True, causal=True,
-    )
-
-
-def vision_flops(vision_config: Any, crops: int) -> float:
-    tokens = (vision_config.image_size // vision_config.patch_size) ** 2
-    heads = vision_config.num_attention_heads
-    return crops * transformer_flops(
-        tokens, vision_config.hidden_size, vision_config.intermediate_size, vision_config.num_hidden_layers, heads,
-        heads, vision_config.hidden_size // heads, gated=False, causal=False,
-    )
-
-
-# --------------------------------------------------------------------------------------------------
 # running and reporting
 # --------------------------------------------------------------------------------------------------
 @dataclass
@@ -138,28 +106,17 @@ def run(
     **opts: Any,
 ) -> BenchResult:
     """Run a suite (baseline first, then ``methods``), write JSON / markdown if paths are given."""
-    _load_suites()
     if suite_name not in SUITES:
         raise ConfigError(f"Unknown bench suite {suite_name!r}. Suites: {', '.join(sorted(SUITES))}.")
     if repeats < 1:
         raise ConfigError("repeats must be >= 1.")
-    from mmfast.accel.base import resolve
+    from mmfast.accel.spec import resolve
 
     for m in methods:  # fail fast on a bad spec, before building any model
         resolve(m)
     t0 = time.perf_counter()
     rows = SUITES[suite_name](list(methods), repeats, **opts)
-    import platform
-
-    import torch
-
-    meta = {
-        "repeats": repeats,
-        "wall_s": round(time.perf_counter() - t0, 1),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
-    }
+    meta = {"repeats": repeats, "wall_s": round(time.perf_counter() - t0, 1), **provenance()}
     res = BenchResult(suite_name, rows, meta)
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
@@ -170,6 +127,32 @@ def run(
     return res
 
 
-def _load_suites() -> None:
-    import mmfast.bench_ar  # noqa: F401  (registers the suites)
-    import mmfast.bench_suites  # noqa: F401
+def provenance() -> dict[str, Any]:
+    """Where a result was measured: commit (``+dirty`` with local changes), date, device, library versions."""
+    import datetime
+    import platform
+    import subprocess
+
+    import torch
+
+    from mmfast.envinfo import _version
+
+    root = Path(__file__).resolve().parents[2]
+    commit = None
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+        commit += "+dirty" if dirty else ""
+    except (OSError, subprocess.SubprocessError):
+        pass  # not a git checkout (an installed wheel)
+    cuda = torch.cuda.is_available()
+    return {
+        "commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()})",
+        "threads": torch.get_num_threads(),
+        "versions": {pkg: _version(pkg) for pkg in ("mmfast", "torch", "transformers", "triton")}
+        | {"python": platform.python_version()},
+    }

@@ -1,6 +1,6 @@
 """tiny-ar: the zoo's LlamaGen-architecture class-to-image model, trained by mmfast on real handwritten digits.
 
-Recipe (``mmfast zoo train tiny-ar``, or ``python -m mmfast.zoo.tiny_ar train``):
+Recipe (``mmfast zoo train tiny-ar``, or ``python -m mmfast.train.tiny_ar train``):
 
 1. **VQ tokenizer** (:class:`~mmfast.models.vq.VQModel`, LlamaGen's architecture at toy width): 32x32 digit
    images (grey replicated to RGB, [-1, 1]) -> 8x8 = 64 tokens from an L2-normalised codebook, trained with pixel
@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from mmfast.models.llamagen import LlamaGen, LlamaGenAdapter, LlamaGenConfig
 from mmfast.models.vq import VQConfig, VQModel
 
-ZOO_DIR = Path(__file__).resolve().parent
+ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
 OUT_DIR = ZOO_DIR / "tiny_ar"
 CURVES_PNG = ZOO_DIR / "tiny_ar_curves.png"
 GRID_PNG = ZOO_DIR / "tiny_ar_grid.png"
@@ -698,7 +698,7 @@ def _bf16_copy(gpt: LlamaGen) -> LlamaGen:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m mmfast.zoo.tiny_ar", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mmfast.train.tiny_ar", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="run the recipe")
     t.add_argument("--out", default=str(OUT_DIR))

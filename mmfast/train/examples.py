@@ -6,7 +6,7 @@ from typing import Any
 
 import typer
 
-from mmfast.zoo import data as D
+from mmfast.train import data as D
 
 
 def zoo_examples(image_qa: Any, video_qa: Any, seed: int = 0, n_images: int = 2, n_clips: int = 1) -> None:

@@ -6,7 +6,7 @@ processor, chat template) and an in-memory byte-level BPE tokenizer, so that the
 with no download::
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
-    from mmfast.testing import build_tiny_vlm
+    from mmfast.train.tiny_models import build_tiny_vlm
 
     path = build_tiny_vlm("qwen2_vl", tmp_path / "qwen2_vl")
     model = AutoModelForImageTextToText.from_pretrained(path)
@@ -66,7 +66,7 @@ __all__ = [
 ]
 
 #: Families :func:`build_tiny_vlm` knows, keyed like the ``model_type`` of their transformers config.
-FAMILIES: tuple[str, ...] = ("llava", "llava_next_video", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
+FAMILIES: tuple[str, ...] = ("llava", "llava_next", "llava_next_video", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
 #: Families whose processor also takes ``videos=``.
 VIDEO_FAMILIES: tuple[str, ...] = ("llava_next_video", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
 #: Model sizes: ``"tiny"`` for every family, ``"bench"`` for ``"llava_onevision"`` only.
@@ -148,6 +148,7 @@ _SPECIAL_TOKENS: dict[str, dict[str, str]] = {
     },
 }
 _SPECIAL_TOKENS["qwen2_5_vl"] = dict(_SPECIAL_TOKENS["qwen2_vl"])
+_SPECIAL_TOKENS["llava_next"] = dict(_SPECIAL_TOKENS["llava"])
 
 # Roles that are genuine tokenizer special-token attributes; the others become extra_special_tokens attributes
 # (image_token, video_token, vision_start_token, ...) or are only added as special tokens.
@@ -194,7 +195,7 @@ def tiny_tokenizer(
     The BPE is trained (in a few milliseconds) on a small fixed English corpus, so it is deterministic, encodes
     any text (bytes fall back to the 256 byte tokens) and decodes back exactly. Special tokens come first:
 
-    * ``"llava"``: ``<s>`` (bos, prepended), ``</s>`` (eos), ``<unk>``, ``<pad>``, ``<image>``;
+    * ``"llava"`` / ``"llava_next"``: ``<s>`` (bos, prepended), ``</s>`` (eos), ``<unk>``, ``<pad>``, ``<image>``;
     * ``"llava_next_video"``: the same plus ``<video>``;
     * ``"llava_onevision"``: ``<|endoftext|>`` (pad), ``<|im_start|>``, ``<|im_end|>`` (eos), ``<image>``, ``<video>``;
     * ``"qwen2_vl"`` / ``"qwen2_5_vl"``: ``<|endoftext|>`` (pad), ``<|im_start|>``, ``<|im_end|>`` (eos),
@@ -305,6 +306,7 @@ _QWEN_TEMPLATE = (
 
 _CHAT_TEMPLATES: dict[str, str] = {
     "llava": _LLAVA_TEMPLATE,
+    "llava_next": _LLAVA_TEMPLATE,
     "llava_next_video": _LLAVA_TEMPLATE,
     "llava_onevision": _ONEVISION_TEMPLATE,
     "qwen2_vl": _QWEN_TEMPLATE,
@@ -443,6 +445,8 @@ def tiny_vlm_config(family: str, size: str = "tiny", vocab_size: int = 400, **ov
     2 layers, 4 heads):
 
     * ``llava``: CLIP 32 px / patch 8 (4x4 patches + CLS, strategy ``default``): 16 tokens per image.
+    * ``llava_next``: CLIP 64 px / patch 8 (8x8), images only: anyres with ``image_grid_pinpoints`` multiples of 64
+      up to 128 px (base 8x8 + unpadded tiles with row newlines; a base-only image gets one trailing newline).
     * ``llava_next_video``: CLIP 64 px / patch 8 (8x8). Video: 4x4 = 16 tokens per frame after the stride-2
       pooling. Images: anyres, ``image_grid_pinpoints`` multiples of 64 up to 128 px: base 8x8 + tiles + newlines.
     * ``llava_onevision``: SigLIP 32 px / patch 4 (8x8, strategy ``full``), Qwen2 text. Video: 4x4 = 16 tokens per
@@ -486,6 +490,18 @@ def tiny_vlm_config(family: str, size: str = "tiny", vocab_size: int = 400, **ov
             image_seq_length=n_img,
             vision_feature_select_strategy="default",
             vision_feature_layer=-2,
+        )
+    elif family == "llava_next":
+        vision = _merge(_clip_vision(64, 8, size), vision_override)
+        cfg = dict(
+            model_type="llava_next",
+            text_config=_merge(_text_config("llama", size, n_vocab, ids), text_override),
+            vision_config=vision,
+            image_token_index=ids["image"],
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-2,
+            image_grid_pinpoints=_pinpoints(vision["image_size"], 2),
+            image_seq_length=(vision["image_size"] // vision["patch_size"]) ** 2,
         )
     elif family == "llava_next_video":
         vision = _merge(_clip_vision(64, 8, size), vision_override)
@@ -592,6 +608,7 @@ def tiny_processor(
     from transformers import (
         CLIPImageProcessor,
         LlavaNextImageProcessor,
+        LlavaNextProcessor,
         LlavaNextVideoProcessor,
         LlavaNextVideoVideoProcessor,
         LlavaOnevisionImageProcessor,
@@ -617,6 +634,21 @@ def tiny_processor(
             patch_size=p,
             vision_feature_select_strategy=config.vision_feature_select_strategy,
             num_additional_image_tokens=1,  # CLIP's CLS
+            chat_template=template,
+        )
+    if family == "llava_next":
+        s, p = v.image_size, v.patch_size
+        ip = LlavaNextImageProcessor(
+            size={"shortest_edge": s},
+            crop_size={"height": s, "width": s},
+            image_grid_pinpoints=config.image_grid_pinpoints,
+        )
+        return LlavaNextProcessor(
+            image_processor=ip,
+            tokenizer=tok,
+            patch_size=p,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            num_additional_image_tokens=1,
             chat_template=template,
         )
     if family == "llava_next_video":

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mmfast.errors import ConfigError, MMFastError
-from mmfast.zoo import data as D
-from mmfast.zoo import tiny_vlm as T
+from mmfast.train import data as D
+from mmfast.train import tiny_vlm as T
 
 if TYPE_CHECKING:
     import torch
@@ -88,14 +88,14 @@ def flex_image_features(model: Any, flex: FlexProjector, tower: torch.Tensor, si
     """tower (B, 5, 36, Dv) frozen features of the 5 crops -> per image (N_b, D): every crop pooled to its image's
     side n, packed as the model packs them (base view, then the 2 x 2 tiles with row newlines; n = 6: the
     checkpoint's own path)."""
-    from mmfast.accel.tokenflex import _pool_crops
+    from mmfast.accel.tokenflex import pool_grid
 
     m = model.model
     out: list[Any] = [None] * len(sides)
     for n in sorted(set(sides)):
         idx = [i for i, s in enumerate(sides) if s == n]
         h = tower[idx].flatten(0, 1)
-        f = m.multi_modal_projector(h if n == IMAGE_SIDE else flex(_pool_crops(h, n)).flatten(1, 2))
+        f = m.multi_modal_projector(h if n == IMAGE_SIDE else flex(pool_grid(h, n)).flatten(1, 2))
         feats = T.pack_views(model, f.view(len(idx), T.N_VIEWS, n * n, -1))
         for j, i in enumerate(idx):
             out[i] = feats[j]
@@ -107,7 +107,7 @@ def flex_video_features(model: Any, flex: FlexProjector, tower: torch.Tensor, fr
     """tower (B*T, 36, Dv) -> per clip (T * n^2 + 1, D); n = 3 is the checkpoint's own 2x2 bilinear path."""
     import torch
 
-    from mmfast.accel.tokenflex import _pool_crops
+    from mmfast.accel.tokenflex import pool_grid
 
     m = model.model
     tower = tower.view(len(sides), frames, *tower.shape[1:])
@@ -118,7 +118,7 @@ def flex_video_features(model: Any, flex: FlexProjector, tower: torch.Tensor, fr
         if n == VIDEO_SIDE:
             f = m.apply_pooling(m.multi_modal_projector(h))
         else:
-            f = m.multi_modal_projector(flex(_pool_crops(h, n)).flatten(1, 2))
+            f = m.multi_modal_projector(flex(pool_grid(h, n)).flatten(1, 2))
         f = f.reshape(len(idx), -1, f.shape[-1])
         newline = m.image_newline.to(f.dtype).view(1, 1, -1).expand(len(idx), 1, -1)
         f = torch.cat([f, newline], dim=1)

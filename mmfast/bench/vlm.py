@@ -10,7 +10,7 @@
   Random weights give near-uniform attention, on which ZipVL's tau rule keeps almost every token: time it at
   a trained model's ratio with ``zipvl(ratio=r)``.
 * ``vlm-quality`` / ``video-quality``: held-out exact-match accuracy of the zoo's tiny-vlm on synthetic image /
-  16-frame video QA (:func:`mmfast.zoo.evaluate.evaluate_vlm`, the real pipeline path) per method, with
+  16-frame video QA (:func:`mmfast.train.evaluate.evaluate_vlm`, the real pipeline path) per method, with
   ``accuracy_retained`` against the tiny-vlm baseline, accuracy per question type (``per_type``) and
   ``kv_ratio_bf16`` (KV bytes held after the prompt / those of the baseline stored in bf16). ``tokenflex`` rows
   run on tiny-vlm-flex, the checkpoint trained for it (its own full-count row is listed, and
@@ -22,34 +22,56 @@
   frames, 1153 visual tokens; the same events and answers, the redundancy of a long high-frame-rate recording).
   ``--opt model=DIR`` measures another checkpoint of tiny-vlm (e.g. a fine-tune) in its place.
 
-With no ``--accelerate``, the vision suites run :data:`VISION_METHODS`.
+With no ``--accelerate``, the vision suites run :data:`DEFAULT_METHODS`.
 """
 
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
 from typing import Any
 
-from mmfast.bench import lm_flops, median, row, suite, vision_flops
+from mmfast.bench.flops import prefill_flops
+from mmfast.bench.harness import median, row, suite
 
-#: the vision-stage rows of ``vlm-speed`` / ``vlm-quality`` / ``video-quality`` when no --accelerate is given:
-#: 50 / 25 / 12.5 % of the visual tokens (pool can only keep 1/factor^2: 25 %; adaptive_pool is its
-#: any-ratio form)
-VISION_METHODS: tuple[str, ...] = tuple(
-    f"{m}(keep={k})" for k in (0.5, 0.25, 0.125) for m in ("random", "adaptive_pool", "turbo", "tokenflex")
+#: the rows of ``vlm-speed`` / ``vlm-quality`` / ``video-quality`` when no --accelerate is given: 50 / 25 / 12.5 %
+#: of the visual tokens (pool can only keep 1/factor^2: 25 %; adaptive_pool is its any-ratio form; fastv keeps
+#: them for its first k layers)
+DEFAULT_METHODS: tuple[str, ...] = tuple(
+    f"{m}(keep={k})"
+    for k in (0.5, 0.25, 0.125)
+    for m in ("random", "adaptive_pool", "turbo", "tokenflex", "visionzip", "fastv")
 ) + ("pool(factor=2)",)
 
 
-def _random_flex_projector(model_dir: str, methods: list[str]) -> None:
-    """Speed does not depend on weights: give the random bench model a random TokenFLEX projector."""
-    if any(m.strip().startswith("tokenflex") for m in methods):
-        import json
+def _zoo_models(methods: list[str]) -> dict[str, str]:
+    """spec -> the zoo checkpoint trained for it, for methods that need weights of their own."""
+    import mmfast
 
-        from mmfast.accel.tokenflex import FlexProjector
+    out = {}
+    for spec in methods:
+        for acc in mmfast.accel.resolve(spec):
+            if acc.zoo_model:
+                out[spec] = acc.zoo_model
+    return out
 
-        vision = json.loads((Path(model_dir) / "config.json").read_text())["vision_config"]
-        FlexProjector(vision["hidden_size"], 2 * vision["hidden_size"]).save(model_dir)
+
+def _prepare_random(model_dir: str, methods: list[str]) -> None:
+    """Speed does not depend on weights: give the random bench model what each method loads, random too."""
+    import mmfast
+
+    for cls in {type(acc) for spec in methods for acc in mmfast.accel.resolve(spec)}:
+        cls.prepare_random_model(model_dir)
+
+
+def _extras_over(pipe: Any, calls: list[dict[str, Any]]) -> dict[str, Any]:
+    """The methods' own figures (``extra_stats``) averaged over ``calls`` (pipeline kwargs), each with the prefill
+    the evaluation compresses."""
+    sums: dict[str, float] = {}
+    for kw in calls:
+        pipe(**kw, max_new_tokens=1, answer_from_kv=True)
+        for k, v in pipe.accelerate.extra_stats().items():
+            sums[k] = sums.get(k, 0.0) + v
+    return {k: round(v / len(calls), 3) for k, v in sums.items()}
 
 
 def _speed_inputs(long_frames: int = 0) -> dict[str, dict[str, Any]]:
@@ -64,61 +86,17 @@ def _speed_inputs(long_frames: int = 0) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _zipvl_extras(pipe: Any) -> dict[str, Any]:
-    """ZipVL's per-layer important ratios and probe counts of the pipeline's last call (empty without ZipVL)."""
-    for acc in pipe.accelerate:
-        if getattr(acc, "name", "") == "zipvl" and acc.ratios:
-            return {"layer_ratios": [acc.ratios[i] for i in sorted(acc.ratios)], "probe_rows": dict(acc.probe_rows)}
-    return {}
-
-
-def _zipvl_ratio(pipe: Any, calls: list[dict[str, Any]]) -> dict[str, Any]:
-    """``important_ratio``: ZipVL's p / n averaged over layers and over ``calls`` (pipeline kwargs); {} without
-    ZipVL."""
-    if not any(getattr(a, "name", "") == "zipvl" for a in pipe.accelerate):
-        return {}
-    ratios = []
-    for kw in calls:
-        pipe(**kw, max_new_tokens=1, answer_from_kv=True)  # the prefill the evaluation compresses
-        lr = _zipvl_extras(pipe)["layer_ratios"]
-        ratios.append(sum(lr) / len(lr))
-    return {"important_ratio": round(sum(ratios) / len(ratios), 3)}
-
-
-def _zipvl_prefill_flops(adapter: Any, stats: dict[str, Any]) -> float:
-    """Prefill FLOPs under ZipVL: attention among p_l tokens per layer, plus the probe (q for the probe rows,
-    k for all rows, probe logits) on top of the dense projections / MLP."""
-    tc = adapter.text_config
-    n, heads = stats["prompt_tokens"], tc.num_attention_heads
-    hd = getattr(tc, "head_dim", None) or tc.hidden_size // heads
-    kv = getattr(tc, "num_key_value_heads", None) or heads
-    dense = _prefill_flops(adapter, stats) - tc.num_hidden_layers * 2 * n * n * heads * hd  # drop dense attention
-    extra = 0.0
-    for i, r in enumerate(stats["layer_ratios"]):
-        p, probe = r * n, stats["probe_rows"].get(i, 0)
-        extra += 2 * p * p * heads * hd  # QK^T and AV among the important tokens (causal)
-        extra += 2 * probe * n * heads * hd + 2 * n * tc.hidden_size * kv * hd + 2 * probe * tc.hidden_size * heads * hd
-    return dense + extra
-
-
-def _prefill_flops(adapter: Any, stats: dict[str, Any]) -> float:
-    """Prefill FLOPs of one run: the vision tower over its crops / frames plus the LLM over the prompt."""
-    return vision_flops(adapter.config.vision_config, stats["vision_crops"]) + lm_flops(
-        adapter.text_config, stats["prompt_tokens"]
-    )
-
-
 @suite("vlm-speed", "prefill / decode speed on a random LLaVA-OneVision-shaped model (image + 16-frame video)")
 def vlm_speed(
     methods: list[str], repeats: int, new_tokens: int = 16, long_frames: int = 0, dtype: str | None = None, **_: Any
 ) -> list[dict[str, Any]]:
     import mmfast
-    from mmfast.testing import build_tiny_vlm
+    from mmfast.train.tiny_models import build_tiny_vlm
 
-    methods = list(methods) or list(VISION_METHODS)
+    methods = list(methods) or list(DEFAULT_METHODS)
     with tempfile.TemporaryDirectory() as tmp:
         path = build_tiny_vlm("llava_onevision", tmp, size="bench")
-        _random_flex_projector(str(path), methods)
+        _prepare_random(str(path), methods)
         specs = ["baseline", *methods]
         inputs = _speed_inputs(long_frames)
         pipes = {}
@@ -141,8 +119,8 @@ def vlm_speed(
         for _ in range(repeats):  # interleaved: every method sees the same machine state
             for name, kw in inputs.items():
                 for spec in specs:
-                    stats = pipes[spec][name](**kw, **gen)["stats"]
-                    samples[(spec, name)].append({**stats, **_zipvl_extras(pipes[spec][name])})
+                    pipe = pipes[spec][name]
+                    samples[(spec, name)].append({**pipe(**kw, **gen)["stats"], "extra": pipe.accelerate.extra_stats()})
 
     rows = []
     for name in inputs:
@@ -150,8 +128,7 @@ def vlm_speed(
         for spec in specs:
             st = samples[(spec, name)]
             prefill = median([s["prefill_ms"] for s in st])
-            adapter = pipes[spec][name].adapter
-            flops = _zipvl_prefill_flops(adapter, st[0]) if "layer_ratios" in st[0] else _prefill_flops(adapter, st[0])
+            flops = prefill_flops(pipes[spec][name].adapter, st[0])
             r = row(
                 spec,
                 input=name,
@@ -162,8 +139,7 @@ def vlm_speed(
                 prompt_tokens=st[0]["prompt_tokens"],
                 prefill_gflops=round(flops / 1e9, 2),
             )
-            if "layer_ratios" in st[0]:
-                r["important_ratio"] = round(sum(st[0]["layer_ratios"]) / len(st[0]["layer_ratios"]), 3)
+            r.update({k: round(v, 3) for k, v in st[0]["extra"].items()})  # the method's own figures
             if spec == "baseline":
                 base = (prefill, flops, st[0]["kv_bytes"])
                 r.update(speedup=1.0, ideal_speedup=1.0)
@@ -190,17 +166,18 @@ def _quality(
     import numpy as np
 
     import mmfast
-    from mmfast.zoo import data as D
-    from mmfast.zoo.evaluate import evaluate_vlm
-    from mmfast.zoo.tiny_vlm import NUM_FRAMES
+    from mmfast.train import data as D
+    from mmfast.train.evaluate import evaluate_vlm
+    from mmfast.train.tiny_vlm import NUM_FRAMES
 
-    methods = list(methods) or list(VISION_METHODS)
+    methods = list(methods) or list(DEFAULT_METHODS)
     num_frames = num_frames or NUM_FRAMES
     task = "image-qa" if modality == "image" else "video-qa"
     counts = {"n_images": n, "n_clips": 0} if modality == "image" else {"n_images": 0, "n_clips": n}
     base = {"tiny-vlm": mmfast.pipeline(task, model=model)}  # keyed "tiny-vlm" whatever checkpoint it is
-    if any(m.strip().startswith("tokenflex") for m in methods):
-        base["tiny-vlm-flex"] = mmfast.pipeline(task, model="tiny-vlm-flex")
+    zoo_of = _zoo_models(methods)  # methods with a checkpoint trained for them run there
+    for name in dict.fromkeys(zoo_of.values()):
+        base[name] = mmfast.pipeline(task, model=name)
     rows: list[dict[str, Any]] = []
     own: dict[str, float] = {}  # baseline accuracy of each model
 
@@ -214,9 +191,10 @@ def _quality(
             media = {"video": np.repeat(np.asarray(s.frames), hold, axis=0), "num_frames": num_frames * hold}
         return {**media, "question": s.questions[0].question if s.questions else "what is this?"}
 
-    ratio_calls = [inputs(i) for i in range(min(n, 20))]  # ZipVL's important ratio is averaged over these
-    for spec in ["baseline", *(["baseline@tiny-vlm-flex"] if "tiny-vlm-flex" in base else []), *methods]:
-        model = "tiny-vlm-flex" if spec.startswith("tokenflex") or spec.endswith("@tiny-vlm-flex") else "tiny-vlm"
+    extra_calls = [inputs(i) for i in range(min(n, 20))]  # methods' own figures are averaged over these
+    own_baselines = [f"baseline@{name}" for name in base if name != "tiny-vlm"]
+    for spec in ["baseline", *own_baselines, *methods]:
+        model = spec.partition("@")[2] if spec.startswith("baseline@") else zoo_of.get(spec, "tiny-vlm")
         p = base[model]
         acc_spec = None if spec.startswith("baseline") else spec
         pipe = type(p)(p.adapter, mmfast.accel.resolve(acc_spec), p.model_name)
@@ -224,7 +202,7 @@ def _quality(
         acc = res[modality]["overall"]
         if acc_spec is None:
             own[model] = acc
-        st = pipe(**ratio_calls[0])["stats"]
+        st = pipe(**extra_calls[0])["stats"]
         if acc_spec is None and model == "tiny-vlm":
             # the KV a bf16 deployment of the baseline holds: same entries, 2 bytes each
             elem = next(p.adapter.model.parameters()).element_size()
@@ -242,7 +220,7 @@ def _quality(
             questions=res["n"][modality],
             per_type={k: round(v, 4) for k, v in res[modality].items() if k != "overall"},
             **({"frames": num_frames * hold} if modality == "video" else {}),
-            **_zipvl_ratio(pipe, ratio_calls),
+            **(_extras_over(pipe, extra_calls) if pipe.accelerate.extra_stats() else {}),
         ))
     return rows
 
