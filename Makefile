@@ -5,8 +5,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q
 TORCH  := torch==2.14.1 torchvision==0.29.1
+# the newest transformers 5.x the suite is also run on (pyproject states the tested range); 5.25 needs `kernels`
+NEWEST := transformers==5.25.0 kernels==0.19.1
+NEWEST_SITE := $(VENV)/newest-transformers
 
-.PHONY: demo test lint bench clean-venv
+.PHONY: demo test test-newest lint bench clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +29,16 @@ demo: $(VENV)/.mmfast-installed
 
 test: $(VENV)/.mmfast-installed
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+
+$(NEWEST_SITE)/.installed: $(VENV)/.mmfast-installed
+	@echo ">> installing $(NEWEST) beside the venv (PYTHONPATH overlay, the venv itself keeps the pinned versions)"
+	$(PIP) --no-deps --target $(NEWEST_SITE) $(NEWEST)
+	@touch $@
+
+# the whole suite again under the newest transformers 5.x (CI runs both)
+test-newest: $(NEWEST_SITE)/.installed
+	PYTHONPATH=$(NEWEST_SITE) HF_HUB_OFFLINE=1 $(BIN)/python -c "import transformers; print('>> transformers', transformers.__version__)"
+	PYTHONPATH=$(NEWEST_SITE) HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: $(VENV)/.mmfast-installed
 	$(BIN)/ruff check mmfast tests apps eval

@@ -20,6 +20,8 @@ METHODS = [
     "pool(factor=2)",
     "random(keep=0.25)",
     "turbo(keep=0.25)",
+    "visionzip(keep=0.25)",
+    "fastv(k=2,keep=0.25)",
     "kv_window(sink=4,recent=64)",
     "lookm(budget=0.2)",
     "zipvl()",

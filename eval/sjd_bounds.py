@@ -91,7 +91,10 @@ def main() -> None:
         rows.append(row)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"suite": "sjd-bounds", "rows": rows, "meta": {"model": "tiny-ar", "window": 16}}, f, indent=2)
+            from mmfast.bench.harness import provenance
+
+            meta = {"model": "tiny-ar", "window": 16, **provenance()}
+            json.dump({"suite": "sjd-bounds", "rows": rows, "meta": meta}, f, indent=2)
 
 
 if __name__ == "__main__":

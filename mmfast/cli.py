@@ -222,6 +222,7 @@ def zoo_eval(
     """Held-out accuracy per question type (images and videos) through the real pipeline, with the majority
     baseline beside it. tiny-ar: class consistency and Fréchet distance to held-out digits (seed = sampling seed)."""
     import mmfast
+    from mmfast.bench.harness import provenance
     from mmfast.train.evaluate import evaluate_vlm, format_report
 
     if name == "tiny-ar":
@@ -231,7 +232,8 @@ def zoo_eval(
         typer.echo(format_eval(res))
         if json_path is not None:
             json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps({k: v for k, v in res.items() if k != "images"}, indent=2))
+            out = {k: v for k, v in res.items() if k != "images"}
+            json_path.write_text(json.dumps({**out, "meta": provenance()}, indent=2))
         return
     import torch
 
@@ -251,7 +253,7 @@ def zoo_eval(
                                         f"{res['seconds']:.0f} s"))
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(res, indent=2))
+        json_path.write_text(json.dumps({**res, "meta": provenance()}, indent=2))
 
 
 def main() -> None:

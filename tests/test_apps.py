@@ -25,13 +25,12 @@ def _serve(demo):
     return gradio_client.Client(demo.local_url, verbose=False)
 
 
-def test_vlm_demo_answers_side_by_side(tmp_path):
+def test_vlm_demo_answers_side_by_side(tmp_path, vlm_dirs):
     import vlm_demo
 
-    from mmfast.train.tiny_models import build_tiny_vlm, make_test_image
+    from mmfast.train.tiny_models import make_test_image
 
-    path = build_tiny_vlm("llava", tmp_path / "llava")
-    demo = vlm_demo.build_demo(str(path), methods=["pool(factor=2)"])
+    demo = vlm_demo.build_demo(str(vlm_dirs["llava"]), methods=["pool(factor=2)"])
     try:
         client = _serve(demo)
         img = tmp_path / "x.png"

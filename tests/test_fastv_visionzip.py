@@ -129,3 +129,16 @@ def test_visionzip_works_per_crop_and_keeps_layout(vlm_pipes):
                 kept = int(((out.coords[:, :2] == key).all(1) & ~out.layout_mask).sum())
                 assert kept == min(n, max(1, round(0.25 * n)))
             assert float(out.sizes[~out.layout_mask].sum()) == float((~item.layout_mask).sum())
+
+
+def test_fastv_under_eager_attention_slices_the_masks(vlm_pipes):
+    """With eager attention every layer gets an explicit mask: the prefill stage cuts it to the kept tokens at
+    prefill and to the entries each layer holds while decoding, so eager answers as sdpa does."""
+    img, _ = vlm_pipes["llava_onevision"]
+    sdpa = _run(img, "fastv(k=1,keep=0.25)", image=make_test_image(2))
+    img.model.set_attn_implementation("eager")
+    try:
+        eager = _run(img, "fastv(k=1,keep=0.25)", image=make_test_image(2))
+    finally:
+        img.model.set_attn_implementation("sdpa")
+    assert eager["answer"] == sdpa["answer"] and eager["stats"]["kv_bytes"] == sdpa["stats"]["kv_bytes"]

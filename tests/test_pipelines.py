@@ -120,3 +120,28 @@ def test_generation_kwargs_pass_through(pipes):
     img_pipe, _ = pipes["qwen2_vl"]
     st = img_pipe(image=make_test_image(0), question=Q, max_new_tokens=5, min_new_tokens=5)["stats"]
     assert st["new_tokens"] == 5
+
+
+def test_vision_methods_choose_the_position_policy(pipes):
+    """A vision method with ``positions = "original"`` keeps each kept token's position (FastV-style); the default
+    renumbers the shorter prompt 0..L'-1 (what a shorter prompt would get)."""
+    from dataclasses import dataclass
+
+    from mmfast.accel import RandomKeep
+
+    @dataclass
+    class KeepPositions(RandomKeep):
+        positions = "original"
+
+    img, _ = pipes["llava"]
+    ad = img.adapter
+    inputs = ad.preprocess(Q, images=[make_test_image(0)])
+    for method, expect_ids in ((RandomKeep(keep=0.25), False), (KeepPositions(keep=0.25), True)):
+        with method(ad):
+            items = [method.reduce(it) for it in ad.visual_tokens(inputs)]
+            gen, _ = ad.build_inputs(inputs, items)
+        assert ("position_ids" in gen) == expect_ids
+        if expect_ids:
+            pos = gen["position_ids"][0]
+            n = inputs["input_ids"].shape[1]
+            assert pos[-1] == n - 1 and bool((pos.diff() > 0).all()) and pos.numel() < n

@@ -16,7 +16,7 @@ the reference zeroes them before resampling. LANTERN++ replaces the budget by ``
 
 Defaults: ``delta=0.1`` and ``k`` = 1000 / 16384 of the codebook (the paper's k=1000 on LlamaGen's 16384 codes,
 about 6%), i.e. 1000 on LlamaGen, 31 on tiny-ar's 512 codes: a fixed k=1000 on a 512-code book would make every
-code a neighbour (measured on tiny-ar: k=511 cut class consistency from 97.5% to 71%; k=32 kept 95%). Drafts: Jacobi drafts (``sjd``'s drafter, random init) or, with
+code a neighbour (docs/methods/lantern.md has the rows). Drafts: Jacobi drafts (``sjd``'s drafter, random init) or, with
 ``drafter=<dir>``, a trained EAGLE-style draft head (see :mod:`mmfast.accel.eagle`).
 """
 

@@ -22,19 +22,9 @@ EMNLP 2024 Findings, arXiv 2406.18139. Per decoder layer, right after the prompt
    As in the reference, ``avg`` and ``weighted`` merge only the evicted entries whose best similarity is at least
    the mean best similarity (the others are just dropped); ``pivot`` merges all.
 
-Default ``merge="avg"`` (the paper leaves the choice open; its code ships all variants). On held-out tiny-vlm at a
-20% budget, answering from the compressed cache (``vlm-quality`` / ``video-quality``, 626 image / 335 video
-questions; baseline 86.7% image / 75.2% video QA): avg 84.0 / 65.7, none 84.5 / 60.0, pivot 83.9 / 62.1, weighted
-83.5 / 61.2; budget 0.4 / 0.6: 85.1 / 85.9 on images. On 600 images (1895 questions, baseline 87.9%): avg 85.3,
-none 85.2, weighted 84.9, pivot 84.7. ``avg`` scored at least ``pivot`` (the earlier default) in 7 of 8 image /
-video comparisons over four tiny-vlm checkpoints, but the variants differ by a few questions, less than the
-sampling noise, and plain eviction (``none``) is about as good as any merge here: treat their order as
-indicative. Image prompts are ~95% visual tokens and the questions need detail, so 20% of the KV (about 13% of the
-visual tokens once text and the recent window are kept) costs 2-3 points on images. The reference's even
-split of the budget (``recent=0.5``) was also the best share on a validation draw (held-out split, seed 1, 300
-images, baseline 88.1%): ``recent`` 0 / 0.1 / 0.25 / 0.5 / 0.75 = 79.7 / 79.7 / 84.4 / 85.5 / 83.8, and scoring with
-the last 16 queries only (``window=16``) 83.3; the recent window holds the question and the last visual tokens. Video questions about time
-(order, when) need many frames, and keeping ~7% of the 145 video tokens costs 10-15 points.
+Defaults: ``budget=0.2`` (the paper's 20% cache: 10% heavy hitters + 10% recent), ``recent=0.5`` (that even split,
+also the best share on a validation draw), ``merge="avg"`` (the paper leaves the choice open and its code ships
+every variant; on tiny-vlm the variants differ by less than the sampling noise, see docs/methods/lookm.md).
 
 Departures from the reference code (LLaVA-1.5 fork, ``llava/model/kv_token_merge/modify_llama.py``), which has
 indexing bugs, so the merges are implemented from their definitions above: its ``avg`` passes the unfiltered
@@ -126,7 +116,7 @@ class LookM(KVAccelerator):
     name = "lookm"
     role = "evict"
     budget: float | int = 0.2
-    merge: str = "avg"  # see the module docstring: no merge was clearly better on held-out tiny-vlm
+    merge: str = "avg"  # see the module docstring
     recent: float = 0.5  # share of the budget reserved for the recent window (reference: 0.1 + 0.1 of the prompt)
     text_prior: bool = True
     window: int | None = None  # score with the last `window` prompt queries only (None: all prompt queries)

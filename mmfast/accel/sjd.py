@@ -15,7 +15,7 @@ window is filled by an initialisation scheme (paper §3.3):
   logits processors carry no ``w_latent_dim``, so the reference actually falls back to ``random`` there);
 * ``sample_horizontal``: sample from the left neighbour's distribution (the paper's description; the reference's
   ``random_multinomial_sample_from_logits`` keeps only the top-1 logit, i.e. takes the argmax with a one-hot q:
-  both are exact, and on tiny-ar both give 1.55-1.56x);
+  both are exact, and both compress alike on tiny-ar);
 * ``repeat_vertical`` / ``sample_vertical``: the same with the token above. The paper reports vertical repeat as
   the fastest; the reference disabled it for memory. Here the distributions of the last grid row are kept in a
   dict keyed by position (W x V floats per row), so it costs one row of probabilities.

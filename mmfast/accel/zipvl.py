@@ -2,18 +2,20 @@
 
 He et al., "ZipVL: Efficient Large Vision-Language Models with Dynamic Token Sparsification and KV Cache
 Compression", arXiv 2410.08584 (v1: mixed-precision KV; v2: eviction), building on ZipCache (arXiv 2405.14256,
-normalized attention score and its quantizers). Per decoder layer, at prefill:
+normalized attention score and its quantizers). Per decoder layer, at prefill (the adapter's prefill stage calls
+:meth:`ZipVL.on_layer` before every layer):
 
 1. probe queries P: the last ``probe`` fraction of positions plus as many seeded-random earlier ones (ZipCache's
    choice; ZipVL's exact probe set is not public), at most ``probe_max`` of each so that scoring stays linear in
    the prompt length on long videos (the cap only binds above 5k tokens). Scores
-   ``a_j = sum_{i in P, heads} softmax(q_i K^T / sqrt(d))_ij`` come from the shared blockwise probe kernel (the
-   layer itself keeps sdpa);
+   ``a_j = sum_{i in P, heads} softmax(q_i K^T / sqrt(d))_ij`` come from the probe path (``ctx.attention``, the
+   shared blockwise probe kernel; the layer itself keeps sdpa);
 2. dynamic ratio (ZipVL eq. for p): ``p = min{p : sum of the top-p a_j >= tau * sum_j a_j}`` (``tau = 0.975``);
 3. important set T: the top-p tokens by *normalized* score ``a_j / #{i in P : i >= j}`` (ZipCache), which removes
    the causal bias toward early tokens;
-4. sparse prefill: the layer's attention runs on T only, ``O[T] = sdpa(Q[T], K[T], V[T])`` with the causal mask
-   among T (one token set per layer, shared by all heads, so the stock sdpa / flash kernel is reused);
+4. sparse prefill (``ctx.route(T)``): the layer's attention runs on T only, ``O[T] = sdpa(Q[T], K[T], V[T])`` with
+   the causal mask among T (one token set per layer, shared by all heads, so the stock sdpa / flash kernel is
+   reused);
 5. KV: ``mode="quant"`` stores T at ``bits[0]`` and the rest at ``bits[1]`` (4 / 2; keys channel-wise, values
    ZipCache channel-separable token-wise, see :class:`~mmfast.models.cache.MixedPrecisionKV`); ``mode="evict"``
    keeps only T (v2);
@@ -35,19 +37,9 @@ Decisions where the public description is thin (documented departures):
   it to time a random-weight model at a chosen ratio: random attention is nearly uniform, so tau would keep almost
   every token there.
 
-Measured on the zoo's tiny-vlm (``vlm-quality`` / ``video-quality``, 200 images / 100 clips, answers read from the
-compressed cache): tau = 0.975 keeps 91% of the tokens per layer on average (image and 16-frame video prompts of
-~200 tokens, where a small model's attention is spread out), and the KV is 3.9x / 3.8x smaller than bf16 at -0.6 /
--2.4 points; ``tau=0.9, sparse=False`` keeps 73% at high bits, 4.3x / 4.1x smaller at +-0.0 / -0.6 points. The
-sparse prefill is what costs accuracy here (``sparse=False`` at tau 0.975: -0.1 / -0.3). Fixed ``ratio=0.3`` on
-16-frame video loses 27 points. On 128-frame clips (``video-quality --opt num_frames=32 --opt hold=4``: each
-frame shown 4 times) tau still keeps 89%: duplicated frames split the attention mass between the copies, so the
-cumulative-mass rule needs all of them (and tiny-vlm, trained on 16 frames, answers only 43% there). A fine-tune
-of tiny-vlm on held clips (``Recipe.video_hold=(1, 2, 4)``, not shipped; eval/results/video-quality-long-finetune)
-answers 64-frame clips (16 x 4) at 71.6% and 128-frame ones at 68.7%, yet tau still keeps 0.91 / 0.90 (+1.5 / -6.3
-points) and a fixed 30% costs 15.5 / 19.4 points: at ratio 0.3 the kept set covers only 39-48% of the distinct frame
-tokens per layer (copies of a frame score alike), so a small model's spread-out attention, not the video length, sets the
-ratio here.
+Why tau keeps most tokens on the tiny models (docs/methods/zipvl.md): a small model's attention is spread out,
+and duplicated frames of a long clip split the attention mass between the copies, so the cumulative-mass rule
+needs all of them; ``ratio=`` then times the paper's operating point.
 """
 
 from __future__ import annotations

@@ -1,28 +1,29 @@
-"""Benchmark suites registered with :func:`mmfast.bench.suite`.
+"""VLM benchmark suites: ``vlm-speed``, ``vlm-quality``, ``video-quality`` (registered with :func:`~mmfast.bench.harness.suite`).
 
 * ``vlm-speed``: a random-initialised LLaVA-OneVision-shaped model with realistic proportions (576 visual
   tokens per anyres tile, a 16-frame video at 144 tokens per frame, an LLM that dominates prefill). Speed
-  does not depend on the weights, so no trained model is needed. Reports prefill ms, decode ms/token,
-  visual tokens and KV bytes per method, the measured prefill speed-up and the ideal (FLOP-ratio) one.
+  does not depend on the weights, so no trained model is needed (a method that loads weights of its own gets
+  random ones: ``Accelerator.prepare_random_model``). Reports prefill ms, decode ms/token, visual tokens and KV
+  bytes per method, the measured prefill speed-up and the ideal one (the FLOP ratio, counted layer by layer from
+  the prefill stage's records for methods that drop or route tokens inside the LM).
   ``--opt long_frames=64`` adds a long video (where attention dominates prefill), ``--opt dtype=bfloat16``
-  runs in bf16. KV methods get ``kv_ratio`` (KV bytes after prefill / the baseline's); ZipVL rows get
-  ``important_ratio`` (mean p/n over layers) and an ideal speed-up that counts its sparse attention and probe.
-  Random weights give near-uniform attention, on which ZipVL's tau rule keeps almost every token: time it at
-  a trained model's ratio with ``zipvl(ratio=r)``.
+  runs in bf16. KV methods get ``kv_ratio`` (KV bytes after prefill / the baseline's). Random weights give
+  near-uniform attention, on which attention-score rules keep almost every token: time them at a trained model's
+  ratio (e.g. ``zipvl(ratio=r)``).
 * ``vlm-quality`` / ``video-quality``: held-out exact-match accuracy of the zoo's tiny-vlm on synthetic image /
   16-frame video QA (:func:`mmfast.train.evaluate.evaluate_vlm`, the real pipeline path) per method, with
   ``accuracy_retained`` against the tiny-vlm baseline, accuracy per question type (``per_type``) and
-  ``kv_ratio_bf16`` (KV bytes held after the prompt / those of the baseline stored in bf16). ``tokenflex`` rows
-  run on tiny-vlm-flex, the checkpoint trained for it (its own full-count row is listed, and
-  ``retained_vs_own_baseline`` is relative to it). KV methods answer from their compressed cache
-  (``answer_from_kv``): the prompt up to the chat template's generation prompt is prefilled and compressed, then
-  the generation prompt is fed, so the one- or two-word answers are decoded entirely over the compressed cache.
-  ZipVL rows add ``important_ratio`` (p / n averaged over layers and 20 held-out samples). ``video-quality --opt
-  num_frames=32 --opt hold=4`` is the long-video variant: 32-frame clips with each frame shown 4 times (128
-  frames, 1153 visual tokens; the same events and answers, the redundancy of a long high-frame-rate recording).
-  ``--opt model=DIR`` measures another checkpoint of tiny-vlm (e.g. a fine-tune) in its place.
+  ``kv_ratio_bf16`` (KV bytes held after the prompt / those of the baseline stored in bf16). A method that needs
+  a checkpoint trained for it (``Accelerator.zoo_model``) runs there, beside that checkpoint's own baseline row
+  (``retained_vs_own_baseline``). KV methods answer from their compressed cache (``answer_from_kv``): the prompt up
+  to the chat template's generation prompt is prefilled and compressed, then the generation prompt is fed, so the
+  one- or two-word answers are decoded entirely over the compressed cache. Methods' own figures
+  (``extra_stats``) are averaged over 20 held-out samples. ``video-quality --opt num_frames=32 --opt hold=4`` is
+  the long-video variant: 32-frame clips with each frame shown 4 times (128 frames, 1153 visual tokens; the same
+  events and answers, the redundancy of a long high-frame-rate recording). ``--opt model=DIR`` measures another
+  checkpoint of tiny-vlm (e.g. a fine-tune) in its place; ``--opt seed=S`` draws another held-out sample.
 
-With no ``--accelerate``, the vision suites run :data:`DEFAULT_METHODS`.
+With no ``--accelerate``, the suites run :data:`DEFAULT_METHODS`.
 """
 
 from __future__ import annotations
@@ -225,14 +226,14 @@ def _quality(
     return rows
 
 
-@suite("vlm-quality", "held-out image QA accuracy of tiny-vlm (tokenflex: tiny-vlm-flex) per vision method")
+@suite("vlm-quality", "held-out image QA accuracy of tiny-vlm per method (methods with a checkpoint of their own run on it)")
 def vlm_quality(
-    methods: list[str], repeats: int, n_images: int = 200, model: str = "tiny-vlm", **_: Any
+    methods: list[str], repeats: int, n_images: int = 200, model: str = "tiny-vlm", seed: int = 0, **_: Any
 ) -> list[dict[str, Any]]:
-    return _quality("image", methods, n_images, model=model)
+    return _quality("image", methods, n_images, seed=seed, model=model)
 
 
-@suite("video-quality", "held-out 16-frame video QA accuracy of tiny-vlm (tokenflex: tiny-vlm-flex) per vision method")
+@suite("video-quality", "held-out 16-frame video QA accuracy of tiny-vlm per method (methods with a checkpoint of their own run on it)")
 def video_quality(
     methods: list[str],
     repeats: int,
@@ -240,6 +241,7 @@ def video_quality(
     num_frames: int | None = None,
     hold: int = 1,
     model: str = "tiny-vlm",
+    seed: int = 0,
     **_: Any,
 ) -> list[dict[str, Any]]:
-    return _quality("video", methods, n_clips, num_frames=num_frames, hold=hold, model=model)
+    return _quality("video", methods, n_clips, seed=seed, num_frames=num_frames, hold=hold, model=model)

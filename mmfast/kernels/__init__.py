@@ -1,7 +1,7 @@
 """Kernels: ``<op>/reference.py`` (torch, the test oracle), ``<op>/triton.py`` (guarded import) and
 ``<op>/__init__.py`` (dispatch).
 
-Dispatch rule (design.md §5): Triton when the tensors are on CUDA and Triton imports, or when
+Dispatch rule (docs/architecture.md, Kernels): Triton when the tensors are on CUDA and Triton imports, or when
 ``MMFAST_KERNEL_IMPL=triton`` (tests run it on CPU under ``TRITON_INTERPRET=1``); torch otherwise
 (``MMFAST_KERNEL_IMPL=torch`` forces it). CUDA is never queried at import time.
 """

@@ -1,7 +1,7 @@
 """KV-cache quantize / pack and unpack / dequantize (2/4/8-bit, channel-wise keys, token-wise values).
 
 :mod:`.reference` is the torch implementation and test oracle; :mod:`.triton` unpacks and dequantizes the dense
-layout (dispatched per design.md §5: CUDA tensors with Triton importable, or ``MMFAST_KERNEL_IMPL=triton``).
+layout (dispatched per docs/architecture.md, Kernels: CUDA tensors with Triton importable, or ``MMFAST_KERNEL_IMPL=triton``).
 Quantizing happens once per segment and stays in torch.
 """
 
