@@ -5,7 +5,8 @@
 
 A page holds the method's summary (the first paragraph of its module docstring: what it is and the paper), every
 row of ``eval/results/*.json`` that runs the method (alone or composed), beside the baseline row of the same input
-and model, with the provenance of each file, and the hand-written findings of ``eval/notes/<name>.md`` (why the
+and model (token-reduction methods also beside the peer baselines ``pool`` / ``random``), with the provenance
+of each file, and the hand-written findings of ``eval/notes/<name>.md`` (why the
 numbers are what they are; the numbers themselves live only in the results). Nothing here is typed by hand.
 """
 
@@ -20,6 +21,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS, NOTES, PAGES = ROOT / "eval" / "results", ROOT / "eval" / "notes", ROOT / "docs" / "methods"
+
+#: rows shown beside every token-reduction method's rows (same input and model): the peer baselines
+PEERS = ("pool", "random")
 
 #: columns shown when any row of the table has them, in this order
 COLUMNS = (
@@ -87,7 +91,9 @@ def render(name: str, cls: type) -> str:
             continue
         found = True
         context = {(r.get("input"), r.get("model")) for r in mine}
-        base = [r for r in rows if r["method"] == "baseline" and (r.get("input"), r.get("model")) in context]
+        reduces_tokens = any(st.name in ("VISION", "PREFILL") for st in cls.stages) and name not in PEERS
+        base = [r for r in rows if (r.get("input"), r.get("model")) in context and (
+            r["method"] == "baseline" or (reduces_tokens and method_names(r["method"]) <= set(PEERS)))]
         lines += [f"### {path.stem} (`{data.get('suite', '?')}`)", "", *_table(base + mine), "",
                   f"[{path.name}](../../eval/results/{path.name}): {_provenance(data.get('meta') or {})}", ""]
     if not found:

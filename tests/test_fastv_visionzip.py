@@ -142,3 +142,27 @@ def test_fastv_under_eager_attention_slices_the_masks(vlm_pipes):
     finally:
         img.model.set_attn_implementation("sdpa")
     assert eager["answer"] == sdpa["answer"] and eager["stats"]["kv_bytes"] == sdpa["stats"]["kv_bytes"]
+
+
+def test_kv_methods_after_fastv_see_original_positions(vlm_pipes, monkeypatch):
+    """Layers after FastV's pruning cache fewer prompt entries; the KV stage gets their original positions (so
+    LOOK-M's text prior still knows which entries are visual) and the whole prompt length as seen."""
+    from mmfast.accel.lookm import LookM
+
+    seen: dict[int, tuple] = {}
+    compress = LookM.compress
+
+    def spy(self, keys, values, ctx):
+        if ctx.phase == "prefill":
+            seen[ctx.layer_idx] = (ctx.entry_positions(keys)[0, 0].clone(), ctx.seen, ctx.prompt_len)
+        return compress(self, keys, values, ctx)
+
+    monkeypatch.setattr(LookM, "compress", spy)
+    img, _ = vlm_pipes["llava"]
+    st = _run(img, "fastv(k=1,keep=0.25)+lookm(budget=0.5)", image=make_test_image(0))["stats"]
+    n = st["prompt_tokens"]
+    pos0, seen0, _ = seen[0]
+    pos1, seen1, prompt1 = seen[1]
+    assert torch.equal(pos0, torch.arange(n)) and seen0 == n
+    assert seen1 == prompt1 == n and pos1.numel() == n - (st["visual_tokens_kept"] - st["visual_tokens_late"])
+    assert bool((pos1.diff() > 0).all()) and int(pos1[-1]) == n - 1  # kept prompt tokens, by original position

@@ -164,8 +164,15 @@ class CompressedLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         first = self.cumulative_length == 0
         self.cumulative_length += key_states.shape[-2]
+        positions = None
         if first:
             self.prompt_len = key_states.shape[-2]
+            # a prefill-stage method dropped prompt tokens before this layer: its entries keep their original
+            # positions, and the layer has seen the whole prompt (kv_stage positions and counts stay absolute)
+            kept = self.shared.get("prefill_positions", {}).get(self.layer_idx)
+            if kept is not None and kept.numel() == key_states.shape[-2]:
+                self.cumulative_length = self.prompt_len = int(self.shared["prefill_length"])
+                positions = kept.to(key_states.device).expand(*key_states.shape[:2], -1)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         keys, values = self.keys, self.values
@@ -183,6 +190,7 @@ class CompressedLayer(DynamicLayer):
                 spans=self.shared.get("spans", []),
                 shared=self.shared,
                 keys_all=keys,
+                positions=positions,
             )
             for policy in self.policies:
                 if not policy.wants_update(ctx):

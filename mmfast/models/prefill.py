@@ -90,8 +90,9 @@ class PrefillContext:
 class PrefillStage:
     """Calls prefill-stage methods inside the decoder layers of one adapter (a context manager per request).
 
-    ``shared`` (the KV cache's shared dict when a KV method is stacked) receives ``"prefill_positions"``: per layer
-    whose prompt tokens were dropped, the original positions of the entries it caches.
+    ``shared`` (the KV cache's shared dict when a KV method is stacked) receives ``"prefill_positions"`` (per layer
+    whose prompt tokens were dropped, the original positions of the entries it caches) and ``"prefill_length"``, so
+    the KV stage keeps working in original positions.
     """
 
     def __init__(self, adapter: Any, methods: Sequence[Any], spans: list[Span], shared: dict[str, Any] | None = None):
@@ -142,7 +143,7 @@ class PrefillStage:
         for span in self.spans:
             self.visual[span.start : span.end] = True
         self.records, self.routes, self.layer_positions = [], {}, {}
-        self.shared["prefill_positions"] = self.layer_positions
+        self.shared["prefill_positions"], self.shared["prefill_length"] = self.layer_positions, n
 
     def _hook(self, i: int) -> Any:
         def hook(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
