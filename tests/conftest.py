@@ -7,11 +7,23 @@ import os
 # the interpreter (tests keep their shapes tiny).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from contextlib import contextmanager  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 #: AR image generator families of the method matrix: the zoo's tiny-ar (LlamaGen) and tiny random Janus / Emu3
 AR_FAMILIES = ("llamagen", "janus", "emu3")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and lose a lot when the cores are shared (intra-op threads only
+    wait on each other). Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")
@@ -61,3 +73,26 @@ def ar_adapters(tmp_path_factory):
         "janus": JanusAdapter.from_pretrained(build_tiny_janus(tmp_path_factory.mktemp("janus"))),
         "emu3": Emu3Adapter.from_pretrained(build_tiny_emu3(tmp_path_factory.mktemp("emu3"))),
     }
+
+
+def prompt_embeds(pipe, question, image):
+    """(inputs_embeds (1, n, D), visual (n,) bool) of the prompt the adapter builds for one image, no method."""
+    ad = pipe.adapter
+    inputs = ad.preprocess(question, images=[image])
+    gen_inputs, spans = ad.build_inputs(inputs, ad.visual_tokens(inputs))
+    embeds = gen_inputs["inputs_embeds"]
+    visual = torch.zeros(embeds.shape[1], dtype=torch.bool)
+    for sp in spans:
+        visual[sp.start : sp.end] = True
+    return embeds, visual
+
+
+@contextmanager
+def eager_attention(model):
+    """Run ``model`` with eager attention (which returns attention weights), sdpa again afterwards."""
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.set_attn_implementation("sdpa")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import eager_attention, prompt_embeds
 from transformers import DynamicCache
 
 import mmfast
@@ -17,12 +18,7 @@ Q = "What is this?"
 STEPS = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(pipe, spec, **kw):
@@ -37,19 +33,10 @@ def test_fastv_equals_a_hand_written_prefill(vlm_pipes, family):
     image = make_test_image(1)
     out = _run(img, "fastv(k=1,keep=0.25)", image=image)
     model, ad = img.model, img.adapter
-    inputs = ad.preprocess(Q, images=[image])
-    gen_inputs, spans = ad.build_inputs(inputs, ad.visual_tokens(inputs))
-    embeds = gen_inputs["inputs_embeds"]
+    embeds, visual = prompt_embeds(img, Q, image)
     n = embeds.shape[1]
-    visual = torch.zeros(n, dtype=torch.bool)
-    for sp in spans:
-        visual[sp.start : sp.end] = True
-    model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            attn = model(inputs_embeds=embeds, output_attentions=True).attentions[0]
-    finally:
-        model.set_attn_implementation("sdpa")
+    with eager_attention(model):
+        attn = model(inputs_embeds=embeds, output_attentions=True).attentions[0]
     score = attn[0, :, -1].mean(0)
     vis = visual.nonzero().flatten()
     top = vis[score[vis].topk(round(0.25 * vis.numel())).indices]

@@ -26,13 +26,7 @@ PROMPTS = ["A red cat on a mat.", "A dog"]  # different lengths: left padding is
 SETTINGS = [(3.0, 1.0, 0, 1.0), (5.0, 0.7, 10, 1.0), (2.0, 1.3, 0, 0.8), (3.0, 0.0, 0, 1.0)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # These models are tiny: with the CPU shared, intra-op threads only wait on each other (~50x slower here).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,7 @@ from mmfast.kernels.probe_attention import probe_attention, probe_attention_refe
 from mmfast.models.cache import CompressedLayer, MixedPrecisionKV
 from mmfast.types import KVContext
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and lose a lot when the cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def naive(q, k, q_pos, k_pos, per_head=False, normalize=False):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import eager_attention, prompt_embeds
 from transformers import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -23,13 +24,7 @@ GEN = {"max_new_tokens": 6}
 Q = "What is this?"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and lose a lot when the cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -271,21 +266,12 @@ def test_lookm_matches_a_manual_loop(pipes, family):
     img, _ = pipes[family]
     image, steps, budget = make_test_image(1), GEN["max_new_tokens"], 0.3
     out = _run(img, f"lookm(budget={budget},merge=pivot)", image=image)
-    model, ad = img.model, img.adapter
-    inputs = ad.preprocess(Q, images=[image])
-    gen_inputs, spans = ad.build_inputs(inputs, ad.visual_tokens(inputs))
-    embeds = gen_inputs["inputs_embeds"]
-    n = embeds.shape[1]
-    text = torch.ones(n, dtype=torch.bool)
-    for sp in spans:
-        text[sp.start : sp.end] = False
-    model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            cache = DynamicCache()
-            res = model(inputs_embeds=embeds, past_key_values=cache, use_cache=True, output_attentions=True)
-    finally:
-        model.set_attn_implementation("sdpa")
+    model = img.model
+    embeds, visual = prompt_embeds(img, Q, image)
+    n, text = embeds.shape[1], ~visual
+    with eager_attention(model):
+        cache = DynamicCache()
+        res = model(inputs_embeds=embeds, past_key_values=cache, use_cache=True, output_attentions=True)
     keep = round(budget * n)
     for layer, attn in zip(cache.layers, res.attentions):
         hkv = layer.keys.shape[1]

@@ -35,13 +35,7 @@ def _supports(method: str, family: str) -> bool:
 PAIRS = [(m, f) for m in sorted(REGISTRY) for f in (*FAMILIES, *AR_FAMILIES) if _supports(m, f)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and lose a lot when the cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_registered_method_has_a_case_and_a_family():

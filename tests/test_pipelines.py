@@ -15,6 +15,7 @@ import mmfast
 from mmfast.errors import InvalidInputError
 from mmfast.train.tiny_models import FAMILIES, VIDEO_FAMILIES, make_test_image, make_test_video
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 GEN = {"max_new_tokens": 8}
 Q = "What is this?"
 

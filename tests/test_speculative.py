@@ -25,12 +25,7 @@ SAMPLING = Sampling(guidance_scale=2.0, temperature=0.9, top_k=5)
 N_SAMPLES = 100_000
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _collect(adapter, drafter_fn, rule, label=1, n=N_SAMPLES, batch=2000, window=4, seed=0):

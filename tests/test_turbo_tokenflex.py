@@ -17,6 +17,7 @@ from mmfast.models.vision import proportional_attention
 from mmfast.train.tiny_models import FAMILIES, make_test_image, make_test_video
 from mmfast.types import VisualTokens
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 GEN = {"max_new_tokens": 6}
 Q = "What is this?"
 FLEX = ("llava", "llava_next", "llava_next_video", "llava_onevision")
