@@ -30,7 +30,8 @@ COLUMNS = (
     "accuracy", "accuracy_retained", "visual_tokens", "visual_tokens_late", "kv_bytes", "kv_ratio", "kv_ratio_bf16",
     "important_ratio", "prefill_ms", "decode_ms_per_token", "speedup", "ideal_speedup", "steps", "step_compression",
     "frechet", "frechet_floor", "token_tv", "token_tv_floor", "max_tv", "mean_group_size", "ms_per_step",
-    "step_cost", "projected_speedup", "frames", "questions",
+    "step_cost", "projected_speedup", "ms_per_image", "peak_kv_mb", "frames", "ms_per_frame", "question_ms",
+    "peak_rss_mb", "carriers_held", "questions",
 )
 
 

@@ -15,12 +15,14 @@ from mmfast.models.registry import ARGEN_ADAPTERS, adapter_for, load_class
 from mmfast.pipelines.base import VLMPipeline
 from mmfast.pipelines.image_gen import ImageGenPipeline, TextToImagePipeline
 from mmfast.pipelines.image_qa import ImageCaptionPipeline, ImageQAPipeline
+from mmfast.pipelines.streaming import StreamingVideoQAPipeline
 from mmfast.pipelines.video_qa import VideoQAPipeline
 
 TASKS: dict[str, type[Any]] = {
     "image-qa": ImageQAPipeline,
     "image-caption": ImageCaptionPipeline,
     "video-qa": VideoQAPipeline,
+    "streaming-video-qa": StreamingVideoQAPipeline,
     "class-to-image": ImageGenPipeline,
     "text-to-image": TextToImagePipeline,
 }
@@ -31,6 +33,7 @@ DEFAULT_MODELS: dict[str, str] = {
     "image-qa": "tiny-vlm",
     "image-caption": "tiny-vlm",
     "video-qa": "tiny-vlm",
+    "streaming-video-qa": "tiny-vlm",
     "class-to-image": "tiny-ar",
     "text-to-image": "tiny-ar",
 }
@@ -149,6 +152,6 @@ def pipeline(
     adapter = adapter_for(m, p)
     for a in acc:
         a.check_compatible(adapter)
-    if task == "video-qa" and not adapter.supports_video:
+    if task in ("video-qa", "streaming-video-qa") and not adapter.supports_video:
         raise UnsupportedModelError(f"{name} ({type(m).__name__}) does not take videos.")
     return TASKS[task](adapter, acc, model_name=name, **kwargs)

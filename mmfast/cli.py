@@ -187,6 +187,8 @@ def zoo_train(
         from mmfast.train.tiny_vlm import train
     elif name == "tiny-vlm-flex":  # starts from the installed tiny-vlm
         from mmfast.train.tiny_vlm_flex import train
+    elif name == "tiny-vlm-scan":  # VideoScan carriers, from the installed tiny-vlm
+        from mmfast.train.tiny_vlm_scan import train
     elif name == "tiny-ar":
         from mmfast.train.tiny_ar import train
     elif name == "tiny-ar-drafter":  # the EAGLE-style draft head of the installed tiny-ar (a few minutes)
@@ -195,9 +197,21 @@ def zoo_train(
         report = train_drafter(out_dir=out, steps=steps or 1500)
         typer.echo(f"tiny-ar drafter: {report}")
         return
+    elif name in ("tiny-var", "tiny-var-small"):  # the pair is one recipe (shared VQ-VAE)
+        from mmfast.train.tiny_var import train as train_var
+
+        smoke = quick or steps is not None
+        if steps is not None:
+            raise UnsupportedModelError("tiny-var: use --quick for a smoke run (the pair has no --steps cap).")
+        train_var(out_dir=out if out is not None else (None if smoke else zoo.ROOT / zoo.MODELS["tiny-var"][0]),
+                  small_dir=None if smoke or out is not None else zoo.ROOT / zoo.MODELS["tiny-var-small"][0],
+                  work_dir=work_dir if work_dir is not None else Path("mmfast-train") / "tiny-var", resume=resume,
+                  quick=quick, log=typer.echo)
+        return
     else:
         raise UnsupportedModelError(
-            f"`mmfast zoo train` knows tiny-vlm, tiny-vlm-flex, tiny-ar and tiny-ar-drafter, not {name!r}.")
+            f"`mmfast zoo train` knows tiny-vlm, tiny-vlm-flex, tiny-vlm-scan, tiny-ar, tiny-ar-drafter and tiny-var "
+            f"(with tiny-var-small), not {name!r}.")
 
     smoke = quick or steps is not None
     work = work_dir if work_dir is not None else Path("mmfast-train") / name
@@ -225,11 +239,21 @@ def zoo_eval(
     from mmfast.bench.harness import provenance
     from mmfast.train.evaluate import evaluate_vlm, format_report
 
-    if name == "tiny-ar":
+    if name == "tiny-vlm-scan":  # streamed clips through VideoScan's carriers
+        from mmfast.bench.stream import accuracy
+
+        out = {f"video{num_frames * hold}": accuracy(accelerate or "videoscan(memory=64)", n_clips or 250, hold=hold,
+                                                     seed=seed, model=model or name, progress=True)}
+        typer.echo(json.dumps(out, indent=2))
+        if json_path is not None:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps({**out, "model": model or name, "meta": provenance()}, indent=2))
+        return
+    if name in ("tiny-ar", "tiny-var", "tiny-var-small"):
         from mmfast.train.tiny_ar import evaluate, format_eval
 
         res = evaluate(model or name, n=500 if n is None else n, seed=seed, accelerate=accelerate, progress=True)
-        typer.echo(format_eval(res))
+        typer.echo(format_eval(res).replace("tiny-ar", model or name, 1))
         if json_path is not None:
             json_path.parent.mkdir(parents=True, exist_ok=True)
             out = {k: v for k, v in res.items() if k != "images"}

@@ -106,8 +106,27 @@ def run_demo(random_model: bool = False) -> None:
             _say(f"\n[{name}]\n" + side_by_side(rows))
             for spec, st in rows.items():
                 _say(f"  {spec:24s} answer: {st['answer']!r}")
+        if video is not None:
+            _streaming_demo(str(video), model if model != "tiny-vlm" else None)
         _generation_demo()
+        _var_demo()
         _say("\nNext: `mmfast bench vlm-speed --accelerate 'pool(factor=2)' --json out.json` for timed comparisons.")
+
+
+def _streaming_demo(video: str, model: Any = None) -> None:
+    """world.mp4 streamed at 1 fps through VideoScan (tiny-vlm-scan when installed), one question, memory held;
+    the full-cache stream beside it."""
+    scan = "tiny-vlm-scan" if model is None and zoo.available().get("tiny-vlm-scan") else (model or "tiny-vlm")
+    _say(f"\n[streaming-video-qa] gradio world.mp4 streamed at 1 fps, frame by frame ({scan}):")
+    for spec, name in (("videoscan(memory=64)", scan), (None, model or "tiny-vlm")):
+        s = mmfast.pipeline("streaming-video-qa", model=name, accelerate=spec)
+        n = s.feed(video, fps=1.0)
+        out = s.ask("how many objects are there at the end?", max_new_tokens=8)
+        st = out["stats"]
+        held = f"{st['carriers_held']} carriers" if st.get("carriers_held") is not None else f"{st['frame_tokens_held']} frame tokens"
+        _say(f"  {str(spec or 'full cache'):22s} {n} frames pushed ({st['ms_per_frame']:.1f} ms each): holds {held}, "
+             f"{st['tokens_held']} cache entries, {st['kv_bytes'] / 1024:.0f} KiB of KV; question {st['prefill_ms'] + st['decode_ms']:.0f} ms: "
+             f"{out['answer']!r}")
 
 
 def _generation_demo(out_dir: str = "out") -> None:
@@ -132,3 +151,34 @@ def _generation_demo(out_dir: str = "out") -> None:
             f"  {spec:16s} {len(res.images)} images, {st['tokens']} tokens each, {st['steps']:.1f} forwards per image "
             f"(step compression {st['step_compression']:.2f}), {st['wall_ms']:.0f} ms → {path}"
         )
+
+
+def _var_demo(out_dir: str = "out", draft_scales: int = 4) -> None:
+    """Next-scale generation with the tiny-var pair: the drafter alone vs CoDe (drafter + tiny-var-small)."""
+    import time
+    from pathlib import Path
+
+    from mmfast.pipelines.image_gen import image_grid
+
+    if not (zoo.available().get("tiny-var") and zoo.available().get("tiny-var-small")):
+        _say("\n[class-to-image, next-scale] the tiny-var pair is not installed: skipping "
+             "(train it with `mmfast zoo train tiny-var`).")
+        return
+    spec = f"code(refiner='tiny-var-small',draft_scales={draft_scales})"
+    _say(f"\n[class-to-image, next-scale] tiny-var (VAR architecture, 6 scales) alone vs CoDe handing scales "
+         f"{draft_scales}-5 to tiny-var-small:")
+    labels = list(range(10)) * 5
+    pipes = {s: mmfast.pipeline("class-to-image", model="tiny-var", accelerate=None if s == "baseline" else s)
+             for s in ("baseline", spec)}
+    wall, res = {}, {}
+    for s, pipe in pipes.items():
+        pipe(labels=labels[:10], seed=1, progress=False, output_type="tokens")  # warm-up
+        t0 = time.perf_counter()
+        res[s] = pipe(labels=labels, seed=0, batch_size=10, progress=False, output_type="tokens")
+        wall[s] = time.perf_counter() - t0
+        images = pipe(labels=labels[:20], seed=0, progress=False).images
+        path = Path(out_dir) / f"demo_var_{s.split('(')[0]}.png"
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        image_grid(images, cols=10, scale=4).save(path)
+        _say(f"  {s:44s} {len(labels)} images in {wall[s] * 1e3:.0f} ms ({res[s].stats['steps']:.0f} forwards each), "
+             f"speed-up {wall['baseline'] / wall[s]:.2f}x -> {path}")

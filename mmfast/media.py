@@ -26,7 +26,7 @@ import os
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -318,6 +318,87 @@ def load_video(
     raise InvalidInputError(
         f"Unsupported video type {type(src).__name__}; pass a path, bytes, a list of images or a (T, H, W, 3) array."
     )
+
+
+def iter_video_frames(
+    src: VideoInput | Iterable[Any], fps: float | None = None, max_frames: int | None = None,
+    *, source_fps: float | None = None,
+) -> Iterator[np.ndarray]:
+    """Frames of a video one at a time, ``(H, W, 3)`` uint8, decoded as they are needed (a stream never holds the
+    whole file): ``fps=F`` keeps about F frames per second (the first frame whose time reaches each ``k / F``),
+    ``None`` every frame; ``max_frames`` stops after that many.
+
+    ``src``: a path or URL (PyAV decodes packet by packet), encoded bytes, a ``(T, H, W, 3)`` array, or any iterable
+    of images (PIL / numpy / tensor; frames given directly need ``source_fps`` to sample by ``fps``). A file that
+    breaks mid-stream raises :class:`InvalidInputError` after the frames decoded so far were yielded.
+    """
+    if fps is not None:
+        _check_positive_float(fps, "fps")
+    if max_frames is not None:
+        _check_positive_int(max_frames, "max_frames")
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        with tempfile.TemporaryDirectory(prefix="mmfast-video-") as tmp:
+            path = Path(tmp, "video")
+            path.write_bytes(bytes(src))
+            yield from iter_video_frames(path, fps, max_frames)
+        return
+    if isinstance(src, (str, os.PathLike)):
+        frames: Iterator[tuple[float | None, np.ndarray]] = _iter_pyav(src)
+    elif isinstance(src, np.ndarray) or _is_tensor(src):
+        arr = _frames_array(src)
+        frames = ((i / source_fps if source_fps else None, f) for i, f in enumerate(arr))
+    elif isinstance(src, Iterable):
+        frames = ((i / source_fps if source_fps else None, np.asarray(load_image(x))) for i, x in enumerate(src))
+    else:
+        raise InvalidInputError(f"Cannot stream a {type(src).__name__}; pass a path, bytes, frames or an iterable.")
+    kept, step = 0, None if fps is None else 1.0 / fps
+    for t, frame in frames:
+        if step is not None:
+            if t is None:
+                raise InvalidInputError(f"Cannot sample at fps={fps}: the frame times are unknown (pass source_fps).")
+            if t + 1e-6 < kept * step:
+                continue
+        yield frame
+        kept += 1
+        if max_frames is not None and kept >= max_frames:
+            return
+
+
+def _iter_pyav(src: str | os.PathLike[str]) -> Iterator[tuple[float | None, np.ndarray]]:
+    """(seconds since the first frame, RGB frame) pairs from PyAV, decoded packet by packet."""
+    import av
+
+    url = isinstance(src, str) and "://" in src
+    what = str(src) if url else _describe(src)
+    path = src if url else str(_check_file(src, "video"))
+    try:
+        container = av.open(path, metadata_errors="ignore")
+    except Exception as e:
+        raise InvalidInputError(f"{what} is not a readable video (unsupported container, not a video, or corrupt): {e}") from e
+    decoded, first = 0, None
+    with container:
+        stream = _video_stream(container)
+        if stream is None:
+            raise InvalidInputError(f"{what} has no video stream.")
+        base = float(stream.time_base) if stream.time_base is not None else None
+        rate = _stream_fps(stream)
+        try:
+            for frame in container.decode(stream):
+                if frame.pts is not None and base is not None:
+                    t = float(frame.pts) * base
+                    first = t if first is None else first
+                    t -= first
+                else:
+                    t = decoded / rate if rate else None
+                yield t, frame.to_ndarray(format="rgb24")
+                decoded += 1
+        except InvalidInputError:
+            raise
+        except Exception as e:
+            raise InvalidInputError(f"{what} is corrupt or truncated: decoding failed after {decoded} frames "
+                                    f"({type(e).__name__}: {e}).") from e
+    if decoded == 0:
+        raise InvalidInputError(f"{what} contains no video frames.")
 
 
 def _select_indices(

@@ -29,6 +29,7 @@ class Stage(IntEnum):
     PREFILL = 1  # inside decoder layers during prefill
     KV = 2  # on the KV cache after prefill (and every N decode steps)
     DECODE = 3  # replaces the token loop of AR image models
+    STREAM = 4  # between the frames of a video stream (what each frame adds to the cache, what stays)
 
 
 @dataclass

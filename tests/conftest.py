@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 #: AR image generator families of the method matrix: the zoo's tiny-ar (LlamaGen) and tiny random Janus / Emu3
-AR_FAMILIES = ("llamagen", "janus", "emu3")
+AR_FAMILIES = ("llamagen", "janus", "emu3", "var")
 
 
 @pytest.fixture(scope="module")
@@ -62,16 +62,18 @@ def vlm_pipes(vlm_dirs):
 
 @pytest.fixture(scope="session")
 def ar_adapters(tmp_path_factory):
-    """family -> AR image generator adapter: tiny-ar (the zoo's LlamaGen), tiny random Janus and Emu3."""
+    """family -> AR image generator adapter: tiny-ar (the zoo's LlamaGen), tiny random Janus, Emu3 and VAR."""
     from mmfast.api import load_argen
     from mmfast.models.emu3 import Emu3Adapter
     from mmfast.models.janus import JanusAdapter
     from mmfast.train.tiny_models import build_tiny_emu3, build_tiny_janus
+    from mmfast.train.toy import toy_var_pair
 
     return {
         "llamagen": load_argen("tiny-ar")[0],
         "janus": JanusAdapter.from_pretrained(build_tiny_janus(tmp_path_factory.mktemp("janus"))),
         "emu3": Emu3Adapter.from_pretrained(build_tiny_emu3(tmp_path_factory.mktemp("emu3"))),
+        "var": toy_var_pair()[0],
     }
 
 

@@ -16,7 +16,9 @@ Stats = dict[str, Any]
 
 @dataclass(frozen=True)
 class Case:
-    identity: str  # spec that must give the baseline's tokens (VLM: answer and KV bytes; AR: greedy tokens)
+    #: spec that must give the baseline's tokens (VLM: answer and KV bytes; AR: greedy tokens); None only for a
+    #: method that changes the input sequence itself (VideoScan adds carriers): its exactness is its own test
+    identity: str | None
     reduced: str  # spec whose promised figures ``check`` asserts
     check: Callable[[Stats, Stats], None]
 
@@ -60,6 +62,13 @@ def _zipvl(base: Stats, st: Stats) -> None:
     assert st["prefill_layers"] and all(rec["probe_rows"] > 0 for rec in st["prefill_layers"])  # probed every layer
 
 
+def _videoscan(base: Stats, st: Stats) -> None:
+    """A stream of 6 frames against the full-cache stream: one carrier per chunk held instead of the frames."""
+    assert st["carriers_held"] == st["frame_tokens_held"] >= 3  # one per frame (Qwen: per 2-frame patch)
+    assert st["tokens_held"] == base["tokens_held"] - base["frame_tokens_held"] + st["carriers_held"]
+    assert st["kv_bytes"] * 3 < base["kv_bytes"] and st["new_tokens"] == 6
+
+
 def _decoder(**promises: float) -> Callable[[Stats, Stats], None]:
     def check(base: Stats, st: Stats) -> None:
         assert st["tokens"] == base["tokens"]
@@ -86,9 +95,13 @@ CASES: dict[str, Case] = {
     "kv_window": Case("kv_window(sink=4,recent=100000)", "kv_window(sink=2,recent=8)", _kv_window),
     "lookm": Case("lookm(budget=1.0)", "lookm(budget=0.2)", _lookm),
     "zipvl": Case("zipvl(tau=1,mode='evict')", "zipvl()", _zipvl),
+    # stream stage (streaming-video-qa; the full-cache stream's exactness is tests/test_streaming.py)
+    "videoscan": Case(None, "videoscan(memory=64)", _videoscan),
     # decode stage (identity: the lossless rule under greedy sampling; reduced: the model's sampling)
     "sjd": Case("sjd()", "sjd()", _decoder()),
     "lantern": Case("lantern(delta=0.0)", "lantern(delta=0.1)", _decoder(max_tv=0.1)),
     "gsd": Case("gsd(prob_threshold=0.0)", "gsd()", _decoder(group=1.0)),
     "eagle_sd": Case("eagle_sd()", "eagle_sd()", _decoder()),
+    # decode stage, next-scale models (identity: handing off to the drafter itself = the drafter alone)
+    "code": Case("code(refiner='self',draft_scales=3)", "code(refiner='self',draft_scales=2)", _decoder()),
 }

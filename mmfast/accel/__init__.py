@@ -10,10 +10,12 @@ from mmfast.accel.base import (
     DecodeAccelerator,
     KVAccelerator,
     PrefillAccelerator,
+    StreamAccelerator,
     VisionAccelerator,
     register,
 )
 from mmfast.accel.baselines import KVWindow, Pool, RandomKeep
+from mmfast.accel.code import CoDe
 from mmfast.accel.eagle import EagleSD
 from mmfast.accel.fastv import FastV
 from mmfast.accel.gsd import GSD
@@ -23,6 +25,7 @@ from mmfast.accel.sjd import SJD
 from mmfast.accel.spec import Composed, available, build, compose, get, parse_spec, resolve  # noqa: I001 (after the methods)
 from mmfast.accel.tokenflex import AdaptivePool, TokenFlex
 from mmfast.accel.turbo import Turbo
+from mmfast.accel.videoscan import VideoScan
 from mmfast.accel.visionzip import VisionZip
 from mmfast.accel.zipvl import ZipVL
 from mmfast.types import Stage
@@ -33,6 +36,7 @@ __all__ = [
     "SJD",
     "Accelerator",
     "AdaptivePool",
+    "CoDe",
     "Composed",
     "DecodeAccelerator",
     "EagleSD",
@@ -45,9 +49,11 @@ __all__ = [
     "PrefillAccelerator",
     "RandomKeep",
     "Stage",
+    "StreamAccelerator",
     "TokenFlex",
     "Turbo",
     "VisionAccelerator",
+    "VideoScan",
     "VisionZip",
     "ZipVL",
     "available",

@@ -35,6 +35,7 @@ __all__ = [
     "KVAccelerator",
     "PrefillAccelerator",
     "Stage",
+    "StreamAccelerator",
     "VisionAccelerator",
     "register",
 ]
@@ -185,6 +186,29 @@ class KVAccelerator(Accelerator):
         return ctx.phase == "prefill"
 
 
+class StreamAccelerator(Accelerator):
+    """Stream stage: decides, frame by frame of a video stream (the ``streaming-video-qa`` task), what a frame adds to
+    the prompt and what of it stays in the KV cache.
+
+    The session calls :meth:`frame_input` with the frame's visual tokens before prefilling them and
+    :meth:`after_frame` once they are in the cache; ``positions`` says how the stream numbers what comes next:
+    ``"compact"`` (the next token takes the number of entries the cache holds, as VideoScan's reference) or
+    ``"absolute"`` (the number of tokens seen).
+    """
+
+    stages = (Stage.STREAM,)
+    positions: ClassVar[str] = "absolute"
+
+    def frame_input(self, feats: torch.Tensor, frame: int) -> torch.Tensor:
+        """(n, D) visual tokens of frame ``frame`` -> (n', D) what the stream prefills for it."""
+        return feats
+
+    def after_frame(self, ctx: Any) -> torch.Tensor | None:
+        """Indices of the cache entries to keep after the frame (``ctx``: :class:`~mmfast.models.stream.FrameContext`),
+        or None to keep every entry."""
+        return None
+
+
 class DecodeAccelerator(Accelerator):
     """Decode stage: replaces the one-token-per-step loop of AR image generators (:func:`mmfast.decoding.ar_decode`).
 
@@ -193,6 +217,18 @@ class DecodeAccelerator(Accelerator):
 
     stages = (Stage.DECODE,)
     applies_to = ("argen",)
+    #: the generation order the decoder works in: "raster" (next token) or "scales" (VAR's next scale)
+    order: ClassVar[str] = "raster"
+
+    def check_compatible(self, adapter: Any) -> None:
+        super().check_compatible(adapter)
+        have = getattr(adapter, "order", "raster")
+        if have != self.order:
+            what = {"raster": "token by token in raster order", "scales": "scale by scale (next-scale prediction)"}
+            raise IncompatibleAcceleratorError(
+                f"{self.name} decodes {what.get(self.order, self.order)}, but {type(adapter).__name__} "
+                f"generates {what.get(have, have)}" + (": use code(...)" if have == "scales" else "") + "."
+            )
 
     def decode(
         self, adapter: Any, conditions: list[Any], sampling: Any, generator: Any, callback: Any = None, progress: Any = True

@@ -124,6 +124,12 @@ class KVWindow(KVAccelerator):
     def wants_update(self, ctx: KVContext) -> bool:
         return True
 
+    def stream_keep(self, stored: int) -> torch.Tensor | None:
+        """In a video stream (``streaming-video-qa``), after each chunk: the stored entries to keep, or None."""
+        if stored <= self.sink + self.recent:
+            return None
+        return torch.cat([torch.arange(self.sink), torch.arange(stored - self.recent, stored)])
+
     def compress(self, keys: torch.Tensor, values: torch.Tensor, ctx: KVContext) -> tuple[torch.Tensor, torch.Tensor]:
         s = keys.shape[-2]
         if s <= self.sink + self.recent:

@@ -19,6 +19,9 @@ EAGLE in :mod:`mmfast.accel.speculative`) only needs:
 from __future__ import annotations
 
 import math
+import numbers
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -134,6 +137,8 @@ class ARGenAdapter:
     #: "class" (labels) or "text" (prompts)
     conditioning: ClassVar[str] = "class"
     string_prompts: ClassVar[bool] = False  # prompts must be strings (tokenized by the adapter's processor)
+    #: "raster" (one token per step: :func:`mmfast.decoding.ar_decode`) or "scales" (VAR: ``scale_decode``)
+    order: ClassVar[str] = "raster"
 
     grid: tuple[int, int]  # (rows, cols) of the image token grid, raster order
     codebook_size: int
@@ -180,6 +185,45 @@ class ARGenAdapter:
         if self.string_prompts and (not out or not all(isinstance(p, str) for p in out)):
             raise InvalidInputError(f"{self.family}: prompt must be a string or a non-empty list of strings.")
         return out
+
+
+_NUMBER_WORDS = {
+    w: i
+    for i, w in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+        "seventeen eighteen nineteen".split()
+    )
+}
+
+
+def _words(text: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def class_label(c: Any, num_classes: int, id2label: Sequence[str] | None = None) -> int:
+    """One class condition -> its id: an int in [0, num_classes), or a prompt naming it through ``id2label``
+    ("7", "digit 7", "seven"); anything else raises :class:`InvalidInputError`."""
+    n = num_classes
+    if torch.is_tensor(c) and c.numel() == 1:
+        c = c.item()
+    if isinstance(c, str):
+        text = _words(c)
+        names = [_words(x) for x in id2label or []]
+        if text in names:
+            return names.index(text)
+        hits = sorted((len(x), i) for i, x in enumerate(names) if x and re.search(rf"\b{re.escape(x)}\b", text))
+        if hits and (len(hits) == 1 or hits[-1][0] > hits[-2][0]):
+            return hits[-1][1]  # the longest label name contained in the prompt
+        nums = [int(w) if w.isdigit() else _NUMBER_WORDS[w] for w in text.split() if w.isdigit() or w in _NUMBER_WORDS]
+        if len(nums) != 1:
+            known = f" Known labels: {', '.join(list(id2label)[:20])}." if id2label else ""
+            raise InvalidInputError(f"cannot map prompt {c!r} to one of {n} classes.{known}")
+        c = nums[0]
+    if isinstance(c, numbers.Integral) and not isinstance(c, bool):
+        c = int(c)  # numpy integers too
+    if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < n:
+        raise InvalidInputError(f"class labels are integers in [0, {n}) (or label names / prompts), got {c!r}.")
+    return c
 
 
 def load_hf_generator(path_or_id: str | Path, model_type: str, model_cls: str, dtype: torch.dtype | str | None,

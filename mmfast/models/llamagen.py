@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import numbers
 import pickle
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -48,7 +46,7 @@ from PIL import Image
 from torch import nn
 
 from mmfast.errors import ConfigError, InvalidInputError, UnsupportedModelError
-from mmfast.models.argen import ARGenAdapter, ARGenSession, Sampling, to_pil
+from mmfast.models.argen import ARGenAdapter, ARGenSession, Sampling, class_label, to_pil
 from mmfast.models.vq import VQ_PRESETS, VQConfig, VQModel
 
 
@@ -473,19 +471,6 @@ class LlamaGen(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # adapter
 # --------------------------------------------------------------------------------------------------
-_NUMBER_WORDS = {
-    w: i
-    for i, w in enumerate(
-        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-        "seventeen eighteen nineteen".split()
-    )
-}
-
-
-def _words(text: str) -> str:
-    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
-
-
 class LlamaGenSession(ARGenSession):
     """A generation request on :class:`LlamaGen`: conditional rows first, unconditional rows second under CFG."""
 
@@ -557,27 +542,7 @@ class LlamaGenAdapter(ARGenAdapter):
 
     # ---- conditions -------------------------------------------------------------------------------
     def _label(self, c: Any) -> int:
-        n = self.gpt.config.num_classes
-        if torch.is_tensor(c) and c.numel() == 1:
-            c = c.item()
-        if isinstance(c, str):
-            text = _words(c)
-            names = [_words(x) for x in self.id2label or []]
-            if text in names:
-                return names.index(text)
-            hits = sorted((len(x), i) for i, x in enumerate(names) if x and re.search(rf"\b{re.escape(x)}\b", text))
-            if hits and (len(hits) == 1 or hits[-1][0] > hits[-2][0]):
-                return hits[-1][1]  # the longest label name contained in the prompt
-            nums = [int(w) if w.isdigit() else _NUMBER_WORDS[w] for w in text.split() if w.isdigit() or w in _NUMBER_WORDS]
-            if len(nums) != 1:
-                known = f" Known labels: {', '.join(self.id2label[:20])}." if self.id2label else ""
-                raise InvalidInputError(f"cannot map prompt {c!r} to one of {n} classes.{known}")
-            c = nums[0]
-        if isinstance(c, numbers.Integral) and not isinstance(c, bool):
-            c = int(c)  # numpy integers too
-        if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < n:
-            raise InvalidInputError(f"class labels are integers in [0, {n}) (or label names / prompts), got {c!r}.")
-        return c
+        return class_label(c, self.gpt.config.num_classes, self.id2label)
 
     def parse_conditions(self, conditions: Any) -> list[Any]:
         if torch.is_tensor(conditions) and self.conditioning == "class":

@@ -58,7 +58,7 @@ def _item(feats: torch.Tensor, blocks: list, anchors: torch.Tensor, n_orig: int,
 class _LlavaBase(VLMAdapter):
     """What every LLaVA family shares: a CLIP / SigLIP tower read at ``vision_feature_layer``, a projector."""
 
-    capabilities = frozenset({"tower_probe", "vit_blocks", "tower_features"})
+    capabilities = frozenset({"tower_probe", "vit_blocks", "tower_features", "video_stream"})
 
     # ---- the tower ------------------------------------------------------------------------------
     @property
@@ -225,6 +225,10 @@ class LlavaAdapter(_LlavaBase):
         inputs = self.processor(text=[prompt], images=frames, return_tensors="pt").to(self.device)
         inputs[_FRAMES] = torch.tensor([len(frames)])
         return inputs
+
+    @property
+    def stream_kind(self) -> str:  # type: ignore[override]
+        return "image"  # a video is its frames, one <image> placeholder each
 
     def _groups(self, inputs: BatchFeature, n: int) -> tuple[str, list[list[int]]]:
         """(kind, images of each item): all frames form one video item, else one item per image."""
@@ -541,6 +545,7 @@ class LlavaNextAdapter(_AnyresAdapter):
     family = "llava_next"
     model_types = ("llava_next",)
     supports_video = False
+    capabilities = _AnyresAdapter.capabilities - {"video_stream"}
 
     def _items(self, inputs: BatchFeature) -> list[VisualTokens]:
         return self._image_items(inputs)

@@ -30,7 +30,7 @@ from mmfast.types import VisualTokens
 class Qwen2VLAdapter(VLMAdapter):
     family = "qwen2_vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
-    capabilities = frozenset({"tower_probe"})
+    capabilities = frozenset({"tower_probe", "video_stream"})
 
     @property
     def tower_layers(self) -> int:
@@ -100,6 +100,63 @@ class Qwen2VLAdapter(VLMAdapter):
         if pos.shape[0] == 4:  # text row: a plain 0..L'-1 so masking never mistakes gaps for packed sequences
             pos[0] = torch.arange(kept.numel(), device=pos.device)
         return pos
+
+    # ---- streaming: M-RoPE positions of a video fed one temporal patch at a time -------------------------------
+    @property
+    def stream_chunk(self) -> int:  # type: ignore[override]
+        return int(self.config.vision_config.temporal_patch_size)
+
+    def _stream_rope(self, state: Any, chunks: int, suffix: int = 1) -> torch.Tensor:
+        """(3, L) the model's own positions of ``prefix + video of `chunks` temporal patches + suffix`` tokens."""
+        ps = state.position_state
+        ref = ps["inputs"]
+        grid = ref["video_grid_thw"].clone()
+        grid[:, 0] = chunks
+        per = int(grid.prod()) // self.config.vision_config.spatial_merge_size ** 2
+        prefix = state.layout.prefix
+        tid = self.token_id("video")
+        ids = torch.tensor([[*prefix, *([tid] * per), *state.layout.suffix[:1] * suffix]], device=self.device)
+        types = (ids == tid).to(torch.int) * 2
+        inputs = BatchFeature({"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": types,
+                               "video_grid_thw": grid})
+        if "second_per_grid_ts" in ref:
+            inputs["second_per_grid_ts"] = ref["second_per_grid_ts"]
+        pos = self.original_position_ids(inputs)
+        return pos[-3:, 0]
+
+    def stream_positions(self, state: Any, kind: str, n: int, item: VisualTokens | None = None) -> torch.Tensor:
+        ps = state.position_state
+        if kind == "frame":
+            ps.setdefault("inputs", item.extra["stream_inputs"])
+            k = 0 if state.compact else state.chunks
+            table = ps.get("table")
+            if table is None or k >= ps["table_chunks"]:  # the model's own positions, for twice as many chunks
+                chunks = max(2, 2 * ps.get("table_chunks", 1), k + 1)
+                p = len(state.layout.prefix)
+                ps["table"], ps["table_chunks"] = self._stream_rope(state, chunks, suffix=0)[:, p:] - p, chunks
+                ps["per"] = ps["table"].shape[1] // chunks
+            per = ps["per"]
+            base = state.cache.stored if state.compact else len(state.layout.prefix)
+            pos = base + ps["table"][:, k * per : (k + 1) * per]
+            pos = pos[:, item.source.to(pos.device)]  # a vision method may have kept some of the chunk's tokens
+            ps["next"] = int(pos.max()) + 1
+            ps["offsets"] = True
+            return pos[:, None]
+        start = ps.get("next", 0)  # text: the prefix, separators, a carrier after its frame
+        if kind in ("trailer", "question") and "offsets" in ps:
+            if state.compact:  # the question continues over the compacted sequence
+                start = state.cache.stored
+            elif not ps.get("tail"):  # the text after the whole video, as the model places it
+                start = int(self._stream_rope(state, state.chunks)[0, -1])
+            ps["tail"] = True
+        if kind == "frame" or kind == "text":
+            ps.pop("tail", None)
+        ps["next"] = start + n
+        return torch.arange(start, start + n, device=self.device).expand(3, 1, n)
+
+    def stream_answer_position(self, state: Any, last: torch.Tensor) -> None:
+        # generate gives the next token the text position cache.seen; the rope delta makes it `last`
+        self.model.model.rope_deltas = (last.reshape(3, -1)[0, -1] - state.cache.seen).view(1, 1)
 
     def fallback_prompt(self, question: str, kind: str, n_visual: int) -> str:
         pad = "<|image_pad|>" if kind == "image" else "<|video_pad|>"

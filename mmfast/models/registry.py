@@ -24,6 +24,7 @@ VLM_ADAPTERS: dict[str, str] = {
 #: AR image generator adapters by architecture / model_type
 ARGEN_ADAPTERS: dict[str, str] = {
     "llamagen": "mmfast.models.llamagen:LlamaGenAdapter",
+    "var": "mmfast.models.var:VARAdapter",
     "janus": "mmfast.models.janus:JanusAdapter",
     "emu3": "mmfast.models.emu3:Emu3Adapter",
 }

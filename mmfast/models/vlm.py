@@ -39,6 +39,7 @@ from mmfast.errors import IncompatibleAcceleratorError, InvalidInputError, Unsup
 from mmfast.models.attention import cache_kwarg, output_cache
 from mmfast.models.cache import CompressedCache, kv_bytes, stored_tokens
 from mmfast.models.prefill import PrefillStage
+from mmfast.models.stream import StreamLayout
 from mmfast.models.vision import TowerProbe, VisionTower
 from mmfast.types import Span, Stage, VisualTokens
 
@@ -67,7 +68,7 @@ class VLMAdapter:
     supports_video: ClassVar[bool] = True
     #: what the family offers beyond the basics: "tower_probe" (tower attention / keys per token),
     #: "vit_blocks" (:meth:`vision_tower`), "tower_features" (:meth:`tower_features` / :meth:`project` /
-    #: :meth:`grid_items`)
+    #: :meth:`grid_items`), "video_stream" (the ``stream_*`` methods: video fed chunk by chunk)
     capabilities: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, model: PreTrainedModel, processor: Any):
@@ -78,6 +79,7 @@ class VLMAdapter:
         self.vision_methods: list[Any] = []
         self.prefill_methods: list[Any] = []
         self.kv_methods: list[Any] = []
+        self.stream_methods: list[Any] = []
         self._last_spans: list[Span] = []
         self._gen_prompt_len: int | None = None
 
@@ -90,11 +92,13 @@ class VLMAdapter:
                 self.prefill_methods.append(acc)
             elif stage == Stage.KV:
                 self.kv_methods.append(acc)
+            elif stage == Stage.STREAM:
+                self.stream_methods.append(acc)
             else:
                 raise IncompatibleAcceleratorError(f"{acc.spec()} acts on the decode loop of AR image models.")
 
     def remove_accelerator(self, acc: Any) -> None:
-        for lst in (self.vision_methods, self.prefill_methods, self.kv_methods):
+        for lst in (self.vision_methods, self.prefill_methods, self.kv_methods, self.stream_methods):
             while acc in lst:
                 lst.remove(acc)
 
@@ -218,6 +222,53 @@ class VLMAdapter:
         family lays out its own features (anyres base view + unpadded tiles with row newlines, frames, trailing
         newline), with anchors into the native layout."""
         raise NotImplementedError
+
+    # ---- streaming (the streaming-video-qa task, mmfast.models.stream) --------------------------------------
+    #: frames the tower encodes together (Qwen: a temporal patch); a stream is fed in chunks of this many frames
+    stream_chunk: ClassVar[int] = 1
+
+    def stream_layout(self, question: str = "") -> StreamLayout:
+        """Token ids around the frames of a one-shot video prompt for ``question``: the prefix before the first
+        frame, the tokens between consecutive frames (frames-as-images families), the suffix after the last."""
+        kind = "video" if self.stream_kind == "video" else "image"
+        n = 1 if kind == "video" else 2
+        ids = self.tokenizer(self.build_prompt(question, kind, n))["input_ids"]
+        tid = self.token_id(kind)
+        where = [i for i, t in enumerate(ids) if t == tid]
+        if len(where) != n:
+            raise UnsupportedModelError(f"{type(self.model).__name__}: the prompt has {len(where)} {kind} placeholders.")
+        between = ids[where[0] + 1 : where[1]] if n == 2 else []
+        return StreamLayout(prefix=ids[: where[0]], between=between, suffix=ids[where[-1] + 1 :])
+
+    @property
+    def stream_kind(self) -> str:
+        """``"video"``: one placeholder for the whole video; ``"image"``: one placeholder per frame."""
+        return "video"
+
+    def stream_encode(self, frames: Sequence[Any]) -> tuple[VisualTokens, torch.Tensor]:
+        """One chunk of frames ((H, W, 3) uint8 each) -> its visual tokens as the model reads them inside a video
+        (frame index from 0 within the chunk) and the layout tokens that close a video (e.g. OneVision's trailing
+        newline; (0, D) when there are none)."""
+        import numpy as np
+
+        inputs = self.preprocess("", video=np.stack([np.asarray(f) for f in frames]))
+        item = self.visual_tokens(inputs)[-1]
+        trailing = item.layout_mask & (item.coords[:, 2] < 0)
+        trailer = item.features[trailing]
+        item = item.select((~trailing).nonzero().flatten())
+        item.extra["stream_inputs"] = inputs
+        return item, trailer
+
+    def stream_positions(self, state: Any, kind: str, n: int, item: VisualTokens | None = None) -> torch.Tensor:
+        """Position ids of the next ``n`` stream entries of ``kind`` (``"text"``, ``"frame"`` with its ``item``, or
+        ``"carrier"``), shape (1, n) for 1-D RoPE, (3, 1, n) for M-RoPE. Default: the stream's counter onwards."""
+        start = state.next_position
+        state.pending += n
+        return torch.arange(start, start + n, device=self.device)[None]
+
+    def stream_answer_position(self, state: Any, last: torch.Tensor) -> None:
+        """Prepare ``generate`` to give the token it feeds next the position ``last`` (the question's last token;
+        M-RoPE families set their rope deltas); default: nothing (1-D positions follow the cache's counter)."""
 
     # ---- prompt rebuilding -----------------------------------------------------------------------
     def original_position_ids(self, inputs: BatchFeature) -> torch.Tensor | None:

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 
 from mmfast.accel.spec import Composed
-from mmfast.decoding import DecodeResult, ar_decode
+from mmfast.decoding import DecodeResult, ar_decode, scale_decode
 from mmfast.errors import InvalidInputError
 from mmfast.models.argen import ARGenAdapter, Sampling
 from mmfast.pipelines.outputs import ImageGenOutput
@@ -94,7 +94,8 @@ class ImageGenPipeline:
             for start in range(0, len(conds), size):  # speculative decoders commit min-over-rows: small batches go further
                 part = conds[start : start + size]
                 if decoder is None:
-                    res = ar_decode(self.adapter, part, sampling, generator, callback=on_step, progress=progress_cfg)
+                    loop = scale_decode if getattr(self.adapter, "order", "raster") == "scales" else ar_decode
+                    res = loop(self.adapter, part, sampling, generator, callback=on_step, progress=progress_cfg)
                 else:
                     res = decoder.decode(self.adapter, part, sampling, generator, callback=on_step, progress=progress_cfg)
                 chunks.append(res.tokens)

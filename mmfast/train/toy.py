@@ -110,3 +110,28 @@ class ToyARAdapter(ARGenAdapter):
         probs = self.target_probs(logits[:, :-1], sampling)  # (S, n, V): row t predicts token t
         p = probs.gather(-1, seqs[..., None]).squeeze(-1).prod(-1)
         return {tuple(s.tolist()): float(q) for s, q in zip(seqs, p)}
+
+
+TOY_PATCH_NUMS = [1, 2, 3, 4, 6, 8]
+
+
+def toy_var_pair(seed: int = 0, vae_seed: int = 0) -> tuple[ARGenAdapter, ARGenAdapter]:
+    """A random VAR drafter (2 blocks, width 32) + refiner (1 block, width 16) sharing one toy VQ-VAE (64 codes,
+    scales 1-2-3-4-6-8, 32 px images), for CoDe tests and app smoke tests. Weights are jittered after the official
+    initialisation so every adaLN block changes the logits."""
+    from mmfast.models.var import VAR, VARAdapter, VARConfig, VQVAE, VQVAEConfig
+
+    torch.manual_seed(vae_seed)
+    vae = VQVAE(VQVAEConfig(vocab_size=64, z_channels=8, ch=8, ch_mult=[1, 2, 2], num_res_blocks=1, norm_groups=4,
+                            using_sa=False, v_patch_nums=TOY_PATCH_NUMS)).eval()
+    out = []
+    for i, (depth, dim) in enumerate(((2, 32), (1, 16))):
+        torch.manual_seed(seed + 1 + i)
+        m = VAR(VARConfig(num_classes=10, depth=depth, embed_dim=dim, num_heads=2, patch_nums=TOY_PATCH_NUMS,
+                          vocab_size=64, z_channels=8))
+        m.init_weights()
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        out.append(VARAdapter(m.eval(), vae, recommended={"guidance_scale": 1.5}))
+    return out[0], out[1]

@@ -16,7 +16,10 @@ ROOT = Path(__file__).resolve().parent
 MODELS: dict[str, tuple[str, str]] = {
     "tiny-vlm": ("tiny_vlm", "LLaVA-OneVision-format image + video QA / captioning model trained on mmfast's synthetic scenes"),
     "tiny-vlm-flex": ("tiny_vlm_flex", "tiny-vlm fine-tuned with a TokenFLEX projector (tokenflex(keep=...) picks the count)"),
+    "tiny-vlm-scan": ("tiny_vlm_scan", "tiny-vlm fine-tuned to read streamed video through VideoScan carriers (videoscan())"),
     "tiny-ar": ("tiny_ar", "LlamaGen-architecture class-conditional digit generator + VQ tokenizer, trained on sklearn digits"),
+    "tiny-var": ("tiny_var", "VAR-architecture next-scale digit generator + multi-scale VQ-VAE (CoDe's drafter, the larger)"),
+    "tiny-var-small": ("tiny_var_small", "the smaller VAR sharing tiny-var's VQ-VAE (CoDe's refiner)"),
 }
 
 
