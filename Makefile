@@ -20,8 +20,8 @@ $(VENV)/.torch-installed: | $(BIN)/python
 	@touch $@
 
 $(VENV)/.mmfast-installed: pyproject.toml constraints.txt $(VENV)/.torch-installed
-	@echo ">> installing mmfast with extras video,app,eval,dev"
-	$(PIP) -e ".[video,app,eval,dev]" -c constraints.txt
+	@echo ">> installing mmfast with extras video,app,eval,dev,dist"
+	$(PIP) -e ".[video,app,eval,dev,dist]" -c constraints.txt
 	@touch $@
 
 demo: $(VENV)/.mmfast-installed

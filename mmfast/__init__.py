@@ -17,12 +17,12 @@ from mmfast import errors
 
 __version__ = "0.1.0"
 
-__all__ = ["TASKS", "__version__", "accel", "errors", "pipeline"]
+__all__ = ["TASKS", "__version__", "accel", "batch", "errors", "pipeline"]
 
 
 def __getattr__(name: str) -> Any:
     if name in ("pipeline", "TASKS"):
         return getattr(importlib.import_module("mmfast.api"), name)
-    if name == "accel":
-        return importlib.import_module("mmfast.accel")
+    if name in ("accel", "batch"):
+        return importlib.import_module(f"mmfast.{name}")
     raise AttributeError(f"module 'mmfast' has no attribute {name!r}")

@@ -280,6 +280,132 @@ def zoo_eval(
         json_path.write_text(json.dumps({**res, "meta": provenance()}, indent=2))
 
 
+# ---- mmfast batch: resumable jobs over folders / globs / manifests / datasets (docs/batch.md) ----------------------
+batch_app = typer.Typer(no_args_is_help=True, help="Resumable batch jobs: caption, qa, generate (docs/batch.md).")
+app.add_typer(batch_app, name="batch")
+
+BatchOut = typer.Option(..., "--out", "-o", help="records: .jsonl (default) or .parquet (a folder of part files)")
+BatchSize = typer.Option(1, "--batch-size", "-b", help="prompts per generate call (greedy answers equal batch 1's)")
+RetryErrors = typer.Option(False, "--retry-errors", help="redo the inputs whose committed record is an error")
+Engine = typer.Option("local", "--engine", help="local, or ray (Ray Data; pip install 'ray[data]')")
+Address = typer.Option(None, "--address", help="Ray cluster address (default: start a local Ray)")
+Concurrency = typer.Option(1, "--concurrency", help="Ray actors, each holding one pipeline")
+NumCpus = typer.Option(1.0, "--num-cpus", help="CPUs per Ray actor")
+NumGpus = typer.Option(0.0, "--num-gpus", help="GPUs per Ray actor")
+Limit = typer.Option(None, "--limit", help="process at most this many pending inputs")
+Format = typer.Option(None, "--format", help="jsonl or parquet (default: from the --out suffix)")
+AsJson = typer.Option(False, "--json", help="print the summary as JSON")
+Quiet = typer.Option(False, "--quiet", "-q", help="no progress bar")
+
+
+def _batch(task: str, as_json: bool, quiet: bool, **kwargs: Any) -> None:
+    from mmfast.batch import run
+
+    summary = run(task, progress=not quiet, **kwargs)
+    typer.echo(json.dumps(summary.to_dict(), default=str) if as_json else summary.format())
+
+
+@batch_app.command("caption")
+def batch_caption(
+    inputs: str = typer.Argument(..., help="folder (recursive), glob, manifest (.jsonl/.csv/.parquet: path, id) or "
+                                 "datasets folder"),
+    out: Path = BatchOut,
+    model: str | None = ModelOpt,
+    accelerate: str | None = AccelOpt,
+    prompt: str | None = typer.Option(None, help="instruction (default: the model's caption prompt)"),
+    max_new_tokens: int = typer.Option(48),
+    batch_size: int = BatchSize,
+    retry_errors: bool = RetryErrors,
+    engine: str = Engine,
+    address: str | None = Address,
+    concurrency: int = Concurrency,
+    num_cpus: float = NumCpus,
+    num_gpus: float = NumGpus,
+    limit: int | None = Limit,
+    fmt: str | None = Format,
+    as_json: bool = AsJson,
+    quiet: bool = Quiet,
+) -> None:
+    """Caption every image of INPUTS into --out; a rerun skips the inputs already committed."""
+    _batch("caption", as_json, quiet, inputs=inputs, out=out, model=model, accelerate=accelerate, prompt=prompt,
+           max_new_tokens=max_new_tokens, batch_size=batch_size, retry_errors=retry_errors, engine=engine,
+           address=address, concurrency=concurrency, num_cpus=num_cpus, num_gpus=num_gpus, limit=limit, fmt=fmt)
+
+
+@batch_app.command("qa")
+def batch_qa(
+    inputs: str = typer.Argument(..., help="folder, glob, manifest (path, question, id) or datasets folder; images "
+                                 "and videos"),
+    out: Path = BatchOut,
+    question: str | None = typer.Option(None, "--question", help="question for inputs without their own"),
+    model: str | None = ModelOpt,
+    accelerate: str | None = AccelOpt,
+    max_new_tokens: int = typer.Option(32),
+    num_frames: int | None = typer.Option(None, help="frames sampled uniformly from each video"),
+    fps: float | None = typer.Option(None, help="sample videos at this many frames per second instead"),
+    batch_size: int = BatchSize,
+    retry_errors: bool = RetryErrors,
+    engine: str = Engine,
+    address: str | None = Address,
+    concurrency: int = Concurrency,
+    num_cpus: float = NumCpus,
+    num_gpus: float = NumGpus,
+    limit: int | None = Limit,
+    fmt: str | None = Format,
+    as_json: bool = AsJson,
+    quiet: bool = Quiet,
+) -> None:
+    """Answer a question about every image / video of INPUTS (image-qa, video-qa by extension) into --out."""
+    _batch("qa", as_json, quiet, inputs=inputs, out=out, question=question, model=model, accelerate=accelerate,
+           max_new_tokens=max_new_tokens, num_frames=num_frames, fps=fps, batch_size=batch_size,
+           retry_errors=retry_errors, engine=engine, address=address, concurrency=concurrency, num_cpus=num_cpus,
+           num_gpus=num_gpus, limit=limit, fmt=fmt)
+
+
+@batch_app.command("generate")
+def batch_generate(
+    inputs: str | None = typer.Argument(None, help="manifest with a 'label' or 'prompt' column (optional 'id', "
+                                        "'seed'); or use --labels / --prompt"),
+    out: Path = BatchOut,
+    labels: str | None = typer.Option(None, help="comma-separated class labels, e.g. 0,1,2"),
+    prompt: list[str] = typer.Option([], help="text prompt(s); repeat for several"),
+    n: int = typer.Option(1, help="images per label / prompt (ids LABEL/0, LABEL/1, ...)"),
+    images_dir: Path | None = typer.Option(None, help="where the PNGs go (default: <out stem>_images/ beside --out)"),
+    model: str | None = ModelOpt,
+    accelerate: str | None = AccelOpt,
+    seed: int = typer.Option(0, help="job seed: each image's seed is a hash of (seed, id) unless the row has one"),
+    guidance_scale: float | None = typer.Option(None, help="default: the model's recommended value"),
+    temperature: float | None = typer.Option(None),
+    top_k: int | None = typer.Option(None),
+    top_p: float | None = typer.Option(None),
+    retry_errors: bool = RetryErrors,
+    engine: str = Engine,
+    address: str | None = Address,
+    concurrency: int = Concurrency,
+    num_cpus: float = NumCpus,
+    num_gpus: float = NumGpus,
+    limit: int | None = Limit,
+    fmt: str | None = Format,
+    as_json: bool = AsJson,
+    quiet: bool = Quiet,
+) -> None:
+    """Generate one PNG per (condition, k) and a record per image into --out (the manifest)."""
+    from mmfast.errors import InvalidInputError
+
+    conds: list[int | str] | None = None
+    if labels is not None or prompt:
+        if labels is not None and prompt:
+            raise InvalidInputError("Pass --labels or --prompt, not both.")
+        try:
+            conds = [int(x) for x in labels.split(",") if x.strip()] if labels is not None else list(prompt)
+        except ValueError as e:
+            raise InvalidInputError(f"--labels must be comma-separated integers, got {labels!r}.") from e
+    _batch("generate", as_json, quiet, inputs=inputs, out=out, labels=conds, n=n, images_dir=images_dir, model=model,
+           accelerate=accelerate, seed=seed, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
+           top_p=top_p, retry_errors=retry_errors, engine=engine, address=address, concurrency=concurrency,
+           num_cpus=num_cpus, num_gpus=num_gpus, limit=limit, fmt=fmt)
+
+
 def main() -> None:
     try:
         app()

@@ -195,7 +195,7 @@ def _check_file(src: str | os.PathLike[str], kind: str) -> Path:
     if not path.exists():
         raise InvalidInputError(f"{kind.capitalize()} file {text!r} does not exist; check the path.")
     if path.is_dir():
-        raise InvalidInputError(f"{text!r} is a directory, not a {kind} file.")
+        raise InvalidInputError(f"{text!r} is a directory, not a {kind} file (for a whole folder: `mmfast batch caption | qa DIR`).")
     if path.stat().st_size == 0:
         raise InvalidInputError(f"{kind.capitalize()} file {text!r} is empty (0 bytes); re-export or re-download it.")
     return path.resolve()

@@ -76,9 +76,7 @@ def test_vlm_demo_streams_a_video_and_answers_mid_stream(tmp_path, vlm_dirs):
 def test_gen_demo_generates_side_by_side(tmp_path):
     import gen_demo
 
-    from mmfast.train.toy import ToyARAdapter
-
-    from mmfast.train.toy import toy_var_pair
+    from mmfast.train.toy import ToyARAdapter, toy_var_pair
 
     drafter, refiner = toy_var_pair()
     refiner.save_pretrained(tmp_path / "refiner")

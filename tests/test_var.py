@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 import mmfast
 import mmfast.accel as A
+from mmfast import zoo
 from mmfast.decoding import scale_decode
 from mmfast.errors import ConfigError, IncompatibleAcceleratorError, InvalidInputError, UnsupportedModelError
 from mmfast.models.argen import Sampling
@@ -283,3 +284,32 @@ def test_convert_official_checkpoint_round_trip(pair, tmp_path):
     torch.save({"obj": np.zeros(1)}, tmp_path / "evil.pth")
     with pytest.raises(UnsupportedModelError):
         convert_official_checkpoint(tmp_path / "evil.pth", tmp_path / "vae.pth", tmp_path / "bad2", depth=2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# bench suites (smoke: tiny options; the measured rows are eval/results/var-*.json)
+# ---------------------------------------------------------------------------------------------------
+def test_var_speed_suite_rows_and_flop_ratios():
+    from mmfast.bench.harness import run
+    from mmfast.bench.var import code_flops, var_flops
+    from mmfast.models.var import VARConfig
+
+    res = run("var-speed", [], repeats=1, width_scale=0.01, images=1, draft_scales="8")
+    rows = {r["method"]: r for r in res.rows}
+    assert list(rows)[:2] == ["baseline", "refiner"] and rows["baseline"]["speedup"] == 1.0
+    code = rows["code(refiner='<random d16>',draft_scales=8)"]
+    assert code["steps"] == 10 and code["peak_kv_mb"] < rows["baseline"]["peak_kv_mb"]
+    # the FLOP ratio at the official widths: N=8 about 1.9x, N=6 about 3.5x (the paper measures 1.7x / 2.9x)
+    d30, d16 = VARConfig.from_depth(30), VARConfig.from_depth(16)
+    full = var_flops(d30, range(10), 2)
+    assert 1.8 < full / code_flops(d30, d16, 8, 2) < 2.0 and 3.3 < full / code_flops(d30, d16, 6, 2) < 3.7
+    assert code_flops(d30, d16, 10, 2) == full
+
+
+@pytest.mark.skipif(not zoo.available().get("tiny-var-small"), reason="the tiny-var pair is not installed")
+def test_var_quality_suite_on_the_zoo_pair(tmp_path):
+    from mmfast.bench.harness import run
+
+    res = run("var-quality", [], repeats=1, samples=20, batch=10, draft_scales="3", plot=str(tmp_path / "q.png"))
+    assert [r["method"] for r in res.rows] == ["baseline", "refiner", "code(refiner='tiny-var-small',draft_scales=3)"]
+    assert all(0 <= r["accuracy"] <= 1 and r["frechet"] > 0 for r in res.rows) and (tmp_path / "q.png").is_file()

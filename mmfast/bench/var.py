@@ -47,7 +47,12 @@ def kv_bytes(config: Any, scales: int, rows: int, bytes_per: int = 4) -> int:
 
 
 def _specs(k: int, draft_scales: Any, refiner: str) -> list[str]:
-    ns = list(range(1, k)) if draft_scales is None else [int(x) for x in str(draft_scales).split(",")]
+    if draft_scales is None:
+        ns = list(range(1, k))
+    elif isinstance(draft_scales, (list, tuple)):
+        ns = [int(x) for x in draft_scales]
+    else:  # "4,6,8" or 4
+        ns = [int(x) for x in str(draft_scales).split(",")]
     return ["baseline", "refiner", *(f"code(refiner={refiner!r},draft_scales={n})" for n in ns)]
 
 

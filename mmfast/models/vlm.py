@@ -443,6 +443,137 @@ class VLMAdapter:
             stats["prefill_layers"] = stage.records
         return GenerationResult(new_tokens=new, text=text, stats=stats, spans=spans)
 
+    # ---- batched generation ----------------------------------------------------------------------
+    #: False for a family whose prompts cannot be left-padded into one ``generate`` call
+    batchable: ClassVar[bool] = True
+
+    def batch_blocker(self, gen_kwargs: dict[str, Any]) -> str | None:
+        """Why :meth:`generate_batch` cannot answer several prompts in one ``generate`` call with the attached
+        methods and ``gen_kwargs``, or None when it can. Vision methods batch (they act on each prompt before the
+        prompts are padded); prefill / KV / stream methods keep per-prompt state inside the decoder or the cache."""
+        if not self.batchable:
+            return f"{type(self).__name__} does not batch"
+        others = [m.spec() for m in (*self.prefill_methods, *self.kv_methods, *self.stream_methods)]
+        if others:
+            return f"{', '.join(dict.fromkeys(others))} act(s) per prompt inside the decoder / KV cache"
+        if gen_kwargs.get("answer_from_kv"):
+            return "answer_from_kv prefills one prompt at a time"
+        return None
+
+    @torch.inference_mode()
+    def generate_batch(self, inputs: Sequence[BatchFeature], **gen_kwargs: Any) -> list[GenerationResult]:
+        """Answer several preprocessed prompts (each of batch size 1) in ONE ``model.generate`` call.
+
+        Each prompt is encoded, reduced by the vision methods and rebuilt exactly as :meth:`generate` does; the
+        rebuilt prompts are then left-padded into (B, L_max) ``inputs_embeds`` / ``attention_mask`` (0 on padding)
+        / ``position_ids`` (each row keeps the positions it has alone, so generate continues every row from its own
+        last position). Greedy answers equal :meth:`generate`'s one prompt at a time (tested on every family).
+
+        Per-row stats are those of :meth:`generate` for that prompt: visual / prompt / KV token counts and
+        ``kv_bytes`` as the row's own unpadded cache would hold them; ``prefill_ms`` / ``decode_ms`` are the
+        whole batch's (every row waits for them) and ``batch_size`` says how many rows shared them. Raises
+        :class:`~mmfast.errors.IncompatibleAcceleratorError` when :meth:`batch_blocker` gives a reason.
+        """
+        if len(inputs) == 1:
+            return [self.generate(inputs[0], **gen_kwargs)]
+        reason = self.batch_blocker(gen_kwargs)
+        if reason is not None:
+            raise IncompatibleAcceleratorError(f"Cannot batch prompts: {reason}; use batch_size=1.")
+        gen_kwargs.pop("answer_from_kv", None)
+        t0 = time.perf_counter()
+        rows: list[tuple[dict[str, Any], list[Span], int, int, int]] = []
+        for inp in inputs:
+            items = self.encode(inp)
+            n_in = sum(it.n_original for it in items)
+            for method in self.vision_methods:
+                items = [method.reduce(it) for it in items]
+            gen_inputs, spans = self.build_inputs(inp, items)
+            rows.append((gen_inputs, spans, n_in, sum(len(it) for it in items), self.vision_crops(inp)))
+        batch, lengths = self._left_pad([r[0] for r in rows])
+
+        marks: dict[str, Any] = {}
+
+        def on_forward(_module: Any, _args: Any, output: Any) -> None:
+            if "prefill_end" not in marks:
+                marks["prefill_end"] = time.perf_counter()
+                marks["kv_prefill"] = kv_bytes(output_cache(output))
+
+        kwargs = {"do_sample": False, "max_new_tokens": 32}
+        kwargs.update(gen_kwargs)
+        kwargs.setdefault("pad_token_id", self._pad_id())
+        handle = self.model.register_forward_hook(on_forward)
+        try:
+            out = self.model.generate(**batch, **kwargs, return_dict_in_generate=True)
+        finally:
+            handle.remove()
+        t_end = time.perf_counter()
+        width = batch["input_ids"].shape[1]
+        per_entry = marks.get("kv_prefill", 0) / (len(rows) * width)  # bytes of one cached token of one row
+        prefill_end = marks.get("prefill_end", t_end)
+        eos = kwargs.get("eos_token_id", self.model.generation_config.eos_token_id)
+        eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        results = []
+        for i, (_, spans, n_in, n_kept, crops) in enumerate(rows):
+            new = out.sequences[i, width:]
+            ends = [j for j, t in enumerate(new.tolist()) if t in eos_ids]
+            if ends:  # a finished row is padded after its eos
+                new = new[: ends[0] + 1]
+            n_new, length = int(new.numel()), lengths[i]
+            stats = {
+                "visual_tokens_in": n_in,
+                "visual_tokens_kept": n_kept,
+                "prompt_tokens": length,
+                "vision_crops": crops,
+                "kv_bytes": round(per_entry * length),
+                "kv_bytes_end": round(per_entry * (length + max(n_new - 1, 0))),
+                "kv_tokens": length,
+                "kv_tokens_end": length + max(n_new - 1, 0),
+                "prefill_ms": (prefill_end - t0) * 1e3,
+                "decode_ms": (t_end - prefill_end) * 1e3,
+                "new_tokens": n_new,
+                "batch_size": len(rows),
+            }
+            stats["decode_ms_per_token"] = stats["decode_ms"] / max(out.sequences.shape[1] - width - 1, 1)
+            text = self.tokenizer.decode(new, skip_special_tokens=True).strip()
+            results.append(GenerationResult(new_tokens=new, text=text, stats=stats, spans=spans))
+        return results
+
+    def _left_pad(self, rows: list[dict[str, Any]]) -> tuple[dict[str, Any], list[int]]:
+        """Stack rebuilt one-prompt ``generate`` kwargs into a left-padded batch; returns it and the row lengths.
+
+        ``input_ids`` (1, L_i) -> (B, L) padded with the pad id, ``inputs_embeds`` (1, L_i, D) with zeros,
+        ``attention_mask`` with 0, ``mm_token_type_ids`` with 0, ``position_ids`` (..., 1, L_i) -> (..., B, L) with 0
+        (rows without their own get 0..L_i-1, what ``generate`` numbers an unpadded prompt with)."""
+        lengths = [int(r["input_ids"].shape[1]) for r in rows]
+        width = max(lengths)
+        pad_id = self._pad_id() or 0
+
+        def pad(x: torch.Tensor, value: float, seq_dim: int = -1) -> torch.Tensor:
+            n = width - x.shape[seq_dim]
+            if n == 0:
+                return x
+            shape = list(x.shape)
+            shape[seq_dim] = n
+            return torch.cat([torch.full(shape, value, dtype=x.dtype, device=x.device), x], dim=seq_dim)
+
+        out: dict[str, Any] = {
+            "input_ids": torch.cat([pad(r["input_ids"], pad_id) for r in rows]),
+            "attention_mask": torch.cat([pad(r["attention_mask"], 0) for r in rows]),
+            "inputs_embeds": torch.cat([pad(r["inputs_embeds"], 0.0, seq_dim=1) for r in rows]),
+        }
+        if any("mm_token_type_ids" in r for r in rows):
+            out["mm_token_type_ids"] = torch.cat([pad(r["mm_token_type_ids"], 0) for r in rows])
+        if any("position_ids" in r for r in rows):
+            pos = [r.get("position_ids") for r in rows]
+            ref = next(p for p in pos if p is not None)
+            filled = []
+            for p, n in zip(pos, lengths):
+                if p is None:
+                    p = torch.arange(n, device=ref.device, dtype=ref.dtype).expand(*ref.shape[:-1], n)
+                filled.append(pad(p, 0))
+            out["position_ids"] = torch.cat(filled, dim=-2)
+        return out, lengths
+
     def _prefill_head(self, gen_inputs: dict[str, Any], tail: int) -> None:
         """Run the prompt minus its last ``tail`` tokens into the cache in ``gen_inputs`` (the KV methods
         compress it), then all but the last prompt token one at a time; ``generate`` continues from that cache

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from tqdm.auto import tqdm
@@ -10,6 +12,18 @@ from tqdm.auto import tqdm
 from mmfast.accel.spec import Composed
 from mmfast.errors import InvalidInputError
 from mmfast.models.vlm import VLMAdapter
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """One example ready for the model: processor outputs (batch size 1), its generation kwargs, and stats the
+    pipeline adds to the answer's (e.g. the sampled frames of a video)."""
+
+    inputs: Any
+    gen_kwargs: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 class VLMPipeline:
@@ -20,6 +34,10 @@ class VLMPipeline:
     ``min_new_tokens``, ``do_sample``, ...) go to ``model.generate``; decoding is greedy by default.
     ``answer_from_kv=True`` makes KV methods compress the prompt's cache before the generation prompt is fed, so
     even the first answer token is read from the compressed cache (how the quality benchmarks score KV methods).
+
+    ``batch_size=N`` (with a list of examples) answers N prompts per ``generate`` call, left-padded; greedy answers
+    equal ``batch_size=1``'s. Accelerators that act inside the decoder or the KV cache (prefill / KV methods) run
+    one prompt at a time instead, and a log line says so.
     """
 
     task: ClassVar[str] = ""
@@ -31,6 +49,7 @@ class VLMPipeline:
         self.model_name = model_name
         self.defaults = defaults
         self._progress: dict[str, Any] = {}
+        self._told: set[str] = set()  # reasons already logged for answering one prompt at a time
 
     # diffusers-style progress bar control
     def set_progress_bar_config(self, **kwargs: Any) -> None:
@@ -51,6 +70,9 @@ class VLMPipeline:
         raise NotImplementedError
 
     def __call__(self, inputs: Any = None, **kwargs: Any) -> dict[str, Any] | list[dict[str, Any]]:
+        batch_size = kwargs.pop("batch_size", self.defaults.get("batch_size", 1))
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}.")
         if isinstance(inputs, dict):
             return self._one({**inputs, **kwargs})
         if inputs is not None and isinstance(inputs, Iterable) and not isinstance(inputs, (str, bytes)):
@@ -60,11 +82,11 @@ class VLMPipeline:
                     f"{self.task}: pass keyword inputs, or a list of dicts such as "
                     f"[{{'{self.media_key}': ..., 'question': ...}}]."
                 )
-            return self._many([{**r, **kwargs} for r in records])
+            return self._many([{**r, **kwargs} for r in records], batch_size)
         if inputs is not None:
             kwargs.setdefault(self.media_key, inputs)
         batch = self._split_batch(kwargs)
-        return self._many(batch) if batch is not None else self._one(kwargs)
+        return self._many(batch, batch_size) if batch is not None else self._one(kwargs)
 
     def _split_batch(self, kw: dict[str, Any]) -> list[dict[str, Any]] | None:
         """If the media / question arguments are lists of examples, split them into one dict per example."""
@@ -92,18 +114,66 @@ class VLMPipeline:
     def _is_media_list(self, media: Any) -> bool:
         return isinstance(media, (list, tuple))
 
-    def _many(self, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        cfg = {"desc": self.task, "disable": len(records) < 2, **self._progress}
-        return [self._one(r) for r in tqdm(records, **cfg)]
+    def _many(self, records: Sequence[dict[str, Any]], size: int = 1) -> list[dict[str, Any]]:
+        cfg = {"desc": self.task, "disable": len(records) < 2, "unit": "ex", **self._progress}
+        outs: list[dict[str, Any]] = []
+        with tqdm(total=len(records), **cfg) as bar:
+            for start in range(0, len(records), size):
+                chunk = [self.prepare(r) for r in records[start : start + size]]
+                outs.extend(self.run_prepared(chunk, batch_size=size))
+                bar.update(len(chunk))
+        return outs
 
     def _one(self, kw: dict[str, Any]) -> dict[str, Any]:
+        return self.run_prepared([self.prepare(kw)])[0]
+
+    def prepare(self, kw: dict[str, Any]) -> Prepared:
+        """Load and check one example's media and question (:class:`~mmfast.errors.InvalidInputError` when they
+        are bad) and run the processor; the model is not called yet."""
         raise NotImplementedError
+
+    def _finish(self, prepared: Prepared, out: dict[str, Any]) -> dict[str, Any]:
+        out["stats"].update(prepared.stats)
+        return out
+
+    def run_prepared(self, prepared: Sequence[Prepared], batch_size: int = 1) -> list[dict[str, Any]]:
+        """Answer prepared examples, ``batch_size`` prompts per ``generate`` call where the attached methods allow
+        it (consecutive examples with the same generation kwargs); outputs in input order."""
+        outs: list[dict[str, Any]] = []
+        start = 0
+        while start < len(prepared):
+            kwargs = prepared[start].gen_kwargs
+            end = start + 1
+            if batch_size > 1 and self._can_batch(kwargs):
+                while end < len(prepared) and end - start < batch_size and prepared[end].gen_kwargs == kwargs:
+                    end += 1
+            group = prepared[start:end]
+            if len(group) == 1:
+                outs.append(self._answer(group[0].inputs, dict(kwargs)))
+            else:
+                outs.extend(self._answer_batch([p.inputs for p in group], dict(kwargs)))
+            start = end
+        return [self._finish(p, o) for p, o in zip(prepared, outs)]
+
+    def _can_batch(self, gen_kwargs: dict[str, Any]) -> bool:
+        with self.accelerate(self.adapter):
+            reason = self.adapter.batch_blocker(gen_kwargs)
+        if reason is not None and reason not in self._told:
+            self._told.add(reason)
+            logger.warning("%s: answering one prompt at a time (%s).", self.task, reason)
+        return reason is None
 
     def _answer(self, inputs: Any, gen_kwargs: dict[str, Any]) -> dict[str, Any]:
         with self.accelerate(self.adapter):
             result = self.adapter.generate(inputs, **gen_kwargs)
         stats = {"method": self.accelerate.spec(), **result.stats, **self.accelerate.extra_stats()}
         return {"answer": result.text, "stats": stats}
+
+    def _answer_batch(self, inputs: list[Any], gen_kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+        with self.accelerate(self.adapter):
+            results = self.adapter.generate_batch(inputs, **gen_kwargs)
+            extra = self.accelerate.extra_stats()
+        return [{"answer": r.text, "stats": {"method": self.accelerate.spec(), **r.stats, **extra}} for r in results]
 
     @staticmethod
     def _question(kw: dict[str, Any], default: str | None = None) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from mmfast.media import load_image
-from mmfast.pipelines.base import VLMPipeline
+from mmfast.pipelines.base import Prepared, VLMPipeline
 
 DEFAULT_CAPTION_PROMPT = "Describe the image."
 
@@ -20,18 +20,14 @@ class ImageQAPipeline(VLMPipeline):
     task = "image-qa"
     media_key = "image"
 
-    def _prepare(self, kw: dict[str, Any], question: str) -> Any:
+    def prepare(self, kw: dict[str, Any]) -> Prepared:
+        kw = dict(kw)
+        question = self._question(kw, self.defaults.get("question"))
         if "images" in kw:
             images = [load_image(x) for x in kw.pop("images")]
         else:
             images = [load_image(kw.pop("image", None))]
-        return self.adapter.preprocess(question, images=images)
-
-    def _one(self, kw: dict[str, Any]) -> dict[str, Any]:
-        kw = dict(kw)
-        question = self._question(kw, self.defaults.get("question"))
-        inputs = self._prepare(kw, question)
-        return self._answer(inputs, kw)
+        return Prepared(self.adapter.preprocess(question, images=images), kw)
 
 
 class ImageCaptionPipeline(ImageQAPipeline):
@@ -40,9 +36,12 @@ class ImageCaptionPipeline(ImageQAPipeline):
 
     task = "image-caption"
 
-    def _one(self, kw: dict[str, Any]) -> dict[str, Any]:
+    def prepare(self, kw: dict[str, Any]) -> Prepared:
         kw = dict(kw)
         prompt = kw.pop("prompt", None) or kw.pop("question", None) or self.defaults.get("prompt")
         prompt = prompt or getattr(self.adapter.config, "mmfast_caption_prompt", None) or DEFAULT_CAPTION_PROMPT
-        out = super()._one({**kw, "question": prompt})
+        return super().prepare({**kw, "question": prompt})
+
+    def _finish(self, prepared: Prepared, out: dict[str, Any]) -> dict[str, Any]:
+        out = super()._finish(prepared, out)
         return {"caption": out["answer"], **out}

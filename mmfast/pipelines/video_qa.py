@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from mmfast.media import is_video_path, load_video
-from mmfast.pipelines.base import VLMPipeline
+from mmfast.pipelines.base import Prepared, VLMPipeline
 
 DEFAULT_NUM_FRAMES = 8
 
@@ -32,7 +32,7 @@ class VideoQAPipeline(VLMPipeline):
             isinstance(first, np.ndarray) and first.ndim == 4
         ) or hasattr(first, "__fspath__") and is_video_path(first)
 
-    def _one(self, kw: dict[str, Any]) -> dict[str, Any]:
+    def prepare(self, kw: dict[str, Any]) -> Prepared:
         kw = dict(kw)
         question = self._question(kw, self.defaults.get("question"))
         num_frames = kw.pop("num_frames", None)
@@ -44,8 +44,5 @@ class VideoQAPipeline(VLMPipeline):
             )
         video = load_video(kw.pop("video", None), num_frames=num_frames, fps=fps, max_frames=max_frames)
         inputs = self.adapter.preprocess(question, video=video.frames)
-        out = self._answer(inputs, kw)
-        out["stats"].update(
-            frames=len(video), frame_indices=video.indices.tolist(), source_frames=video.total_frames
-        )
-        return out
+        stats = {"frames": len(video), "frame_indices": video.indices.tolist(), "source_frames": video.total_frames}
+        return Prepared(inputs, kw, stats)

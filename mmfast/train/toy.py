@@ -119,7 +119,7 @@ def toy_var_pair(seed: int = 0, vae_seed: int = 0) -> tuple[ARGenAdapter, ARGenA
     """A random VAR drafter (2 blocks, width 32) + refiner (1 block, width 16) sharing one toy VQ-VAE (64 codes,
     scales 1-2-3-4-6-8, 32 px images), for CoDe tests and app smoke tests. Weights are jittered after the official
     initialisation so every adaLN block changes the logits."""
-    from mmfast.models.var import VAR, VARAdapter, VARConfig, VQVAE, VQVAEConfig
+    from mmfast.models.var import VAR, VQVAE, VARAdapter, VARConfig, VQVAEConfig
 
     torch.manual_seed(vae_seed)
     vae = VQVAE(VQVAEConfig(vocab_size=64, z_channels=8, ch=8, ch_mult=[1, 2, 2], num_res_blocks=1, norm_groups=4,
