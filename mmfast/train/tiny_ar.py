@@ -486,12 +486,14 @@ def format_eval(res: dict[str, Any]) -> str:
             f"  sampling time          {res['sample_seconds']:.1f} s")
 
 
-def run_sweep(r: TinyARRecipe, adapter: LlamaGenAdapter, work: Path, resume: bool) -> list[dict[str, Any]]:
+def run_sweep(r: Any, adapter: Any, work: Path, resume: bool, desc: str = "tiny-ar sweep") -> list[dict[str, Any]]:
+    """Evaluate every ``r.sweep`` setting (``r.sweep_n`` samples, seed ``r.sweep_seed``); rows saved to
+    ``work/sweep.json`` as they finish, so a resumed run skips the done ones."""
     path = work / "sweep.json"
     rows = json.loads(path.read_text()) if resume and path.is_file() else []
     done = {json.dumps(row["setting"], sort_keys=True) for row in rows}
     t0 = time.perf_counter()
-    for setting in tqdm(r.sweep, desc="tiny-ar sweep"):
+    for setting in tqdm(r.sweep, desc=desc):
         if json.dumps(setting, sort_keys=True) in done:
             continue
         res = evaluate(adapter, n=r.sweep_n, seed=r.sweep_seed, n_boot=200, **setting)
@@ -595,7 +597,7 @@ def _stage_time(work: Path, key: str, seconds: float, add: bool = False) -> None
     path.write_text(json.dumps(times, indent=1))
 
 
-def _round_bf16(gpt: LlamaGen) -> LlamaGen:
+def _round_bf16(gpt: torch.nn.Module) -> Any:
     """Round the weights to bfloat16 (what ships) but keep float32 modules, so the sweep evaluates the shipped model."""
     with torch.no_grad():
         for p in gpt.parameters():

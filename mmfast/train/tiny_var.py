@@ -41,6 +41,7 @@ from mmfast.train.tiny_ar import (
     _load_ckpt,
     _Log,
     _lr,
+    _round_bf16,
     _save_ckpt,
     _stage_time,
     augment_digits,
@@ -48,6 +49,7 @@ from mmfast.train.tiny_ar import (
     evaluate,
     generator_digits,
     render,
+    run_sweep,
 )
 
 ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
@@ -307,32 +309,9 @@ def train_var(which: str, r: TinyVARRecipe, vae: VQVAE, pool: dict[str, torch.Te
     return model.eval()
 
 
-def _round_bf16(model: VAR) -> VAR:
-    """Round the weights to bfloat16 (what ships), keeping float32 modules, so the sweep measures the shipped model."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(p.to(torch.bfloat16).float())
-    return model
-
-
 # --------------------------------------------------------------------------------------------------
 # stage 4 + the whole recipe
 # --------------------------------------------------------------------------------------------------
-def run_sweep(r: TinyVARRecipe, adapter: VARAdapter, work: Path, resume: bool) -> list[dict[str, Any]]:
-    path = work / "sweep.json"
-    rows = json.loads(path.read_text()) if resume and path.is_file() else []
-    done = {json.dumps(row["setting"], sort_keys=True) for row in rows}
-    t0 = time.perf_counter()
-    for setting in tqdm(r.sweep, desc="tiny-var 4/4 sweep"):
-        if json.dumps(setting, sort_keys=True) in done:
-            continue
-        res = evaluate(adapter, n=r.sweep_n, seed=r.sweep_seed, n_boot=200, **setting)
-        rows.append({"setting": setting, **{k: v for k, v in res.items() if k not in ("images", "sampling")}})
-        path.write_text(json.dumps(rows, indent=1))
-    _stage_time(work, "sweep_seconds", time.perf_counter() - t0, add=True)
-    return rows
-
-
 def plot_curves(log: _Log, sweep: Sequence[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -405,7 +384,7 @@ def train(out_dir: str | Path | None = OUT_DIR, small_dir: str | Path | None = S
         drafter = _round_bf16(train_var("drafter", r, vae, pool, work, losses, resume))
         refiner = _round_bf16(train_var("refiner", r, vae, pool, work, losses, resume))
         big = VARAdapter(drafter, vae, ID2LABEL, {"guidance_scale": 0.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0})
-        sweep = run_sweep(r, big, work, resume)
+        sweep = run_sweep(r, big, work, resume, desc="tiny-var 4/4 sweep")
         big.recommended = choose(sweep, r.min_consistency)
         small = VARAdapter(refiner, vae, ID2LABEL, big.recommended)
         t_eval = time.perf_counter()
