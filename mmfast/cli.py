@@ -94,6 +94,10 @@ def generate(
 
     if (labels is None) == (not prompt):
         raise InvalidInputError("Pass either --labels 0,1,2 or --prompt 'digit 7'.")
+    try:  # fail before generating, not after
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InvalidInputError(f"cannot write --out {str(out)!r}: {e.strerror or e}; pick a writable folder.") from e
     task = "class-to-image" if labels is not None else "text-to-image"
     pipe = mmfast.pipeline(task, model=model, accelerate=accelerate)
     if labels is not None:
@@ -105,14 +109,16 @@ def generate(
         conds = list(prompt)
     res = pipe(conds, num_images_per_condition=n, seed=seed, guidance_scale=guidance_scale, temperature=temperature,
                top_k=top_k, top_p=top_p)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(res.images, cols=len(conds) if n > 1 else min(len(conds), 10), scale=scale).save(out)
+    try:
+        image_grid(res.images, cols=len(conds) if n > 1 else min(len(conds), 10), scale=scale).save(out)
+    except (OSError, ValueError) as e:
+        raise InvalidInputError(f"cannot write --out {str(out)!r} as a PNG: {e}.") from e
     typer.echo(json.dumps({"out": str(out), "images": len(res.images), **res.stats}, default=str))
 
 
 @app.command()
 def bench(
-    suite: str = typer.Argument(..., help="suite name (see `mmfast bench --list x`)"),
+    suite: str | None = typer.Argument(None, help="suite name (`mmfast bench --list` shows them)"),
     accelerate: list[str] = typer.Option([], "--accelerate", "-a", help="a method spec; repeat for several"),
     repeats: int = typer.Option(3, help="interleaved repeats; medians are reported"),
     json_path: Path | None = typer.Option(None, "--json", help="write rows as JSON here"),
@@ -126,9 +132,11 @@ def bench(
     from mmfast import bench as B
     from mmfast.errors import ConfigError
 
-    if list_suites:
+    if list_suites or suite is None:
         for name, text in sorted(B.SUITE_HELP.items()):
             typer.echo(f"{name:16s} {text}")
+        if not list_suites:
+            raise ConfigError("name a suite: `mmfast bench SUITE` (the suites are listed above).")
         return
     opts: dict[str, Any] = {}
     for item in opt:

@@ -146,3 +146,28 @@ def test_vision_methods_choose_the_position_policy(pipes):
             pos = gen["position_ids"][0]
             n = inputs["input_ids"].shape[1]
             assert pos[-1] == n - 1 and bool((pos.diff() > 0).all()) and pos.numel() < n
+
+
+@pytest.mark.parametrize("bad", [{"max_new_tokens": 0}, {"max_new_tokens": -5}, {"max_new_tokens": "8"},
+                                 {"max_new_tokens": 2, "min_new_tokens": 4}])
+def test_bad_token_counts_are_typed_errors(vlm_pipes, bad):
+    from mmfast.errors import InvalidInputError
+    from mmfast.train.tiny_models import make_test_image
+
+    img, _ = vlm_pipes["llava_onevision"]
+    with pytest.raises(InvalidInputError, match="new_tokens"):
+        img(question="What is this?", image=make_test_image(0), **bad)
+
+
+def test_cli_bench_list_and_unwritable_generate_out(tmp_path):
+    from typer.testing import CliRunner
+
+    from mmfast.cli import app
+
+    r = CliRunner().invoke(app, ["bench", "--list"])
+    assert r.exit_code == 0 and "var-quality" in r.output and "video-stream" in r.output
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = CliRunner().invoke(app, ["generate", "--labels", "1", "--out", str(blocker / "g.png")])
+    assert r.exit_code != 0 and isinstance(r.exception, mmfast.errors.InvalidInputError)
+    assert "cannot write --out" in str(r.exception)

@@ -26,6 +26,19 @@ class Prepared:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+def check_generation_kwargs(kw: dict[str, Any]) -> None:
+    """Typed errors for token-count arguments ``generate`` would reject with a bare ``ValueError``."""
+    for key in ("max_new_tokens", "min_new_tokens"):
+        v = kw.get(key)
+        if v is None:
+            continue
+        lo = 1 if key == "max_new_tokens" else 0
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise InvalidInputError(f"{key} must be an integer >= {lo}, got {v!r}.")
+    if isinstance(kw.get("max_new_tokens"), int) and kw.get("min_new_tokens", 0) > kw["max_new_tokens"]:
+        raise InvalidInputError(f"min_new_tokens ({kw['min_new_tokens']}) exceeds max_new_tokens ({kw['max_new_tokens']}).")
+
+
 class VLMPipeline:
     """Base of ``image-qa``, ``image-caption`` and ``video-qa``.
 
@@ -70,6 +83,7 @@ class VLMPipeline:
         raise NotImplementedError
 
     def __call__(self, inputs: Any = None, **kwargs: Any) -> dict[str, Any] | list[dict[str, Any]]:
+        check_generation_kwargs({**self.defaults, **kwargs})
         batch_size = kwargs.pop("batch_size", self.defaults.get("batch_size", 1))
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}.")

@@ -32,6 +32,7 @@ from mmfast.errors import IncompatibleAcceleratorError, InvalidInputError, Unsup
 from mmfast.media import _is_tensor, _to_numpy, iter_video_frames, load_image, sample_indices_uniform
 from mmfast.models.stream import VideoStream
 from mmfast.models.vlm import VLMAdapter
+from mmfast.pipelines.base import check_generation_kwargs
 from mmfast.types import Stage
 
 STRATEGIES = ("cache", "reprefill")
@@ -155,6 +156,7 @@ class StreamingVideoQAPipeline:
         ``generate`` (greedy by default)."""
         if not isinstance(question, str) or not question.strip():
             raise InvalidInputError("ask() needs a non-empty question string.")
+        check_generation_kwargs(gen_kwargs)
         if self.strategy == "reprefill":
             return self._ask_reprefill(question, gen_kwargs)
         if self._stream.frames == 0:
