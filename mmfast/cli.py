@@ -40,9 +40,9 @@ def ask(
 ) -> None:
     """Answer a question about an image or a video."""
     import mmfast
-    from mmfast.media import is_video_path
+    from mmfast.media import media_kind
 
-    if is_video_path(path):
+    if media_kind(path) == "video":  # by content: a video named .bin is still a video
         pipe = mmfast.pipeline("video-qa", model=model, accelerate=accelerate)
         kw: dict[str, Any] = {"num_frames": num_frames} if fps is None else {"fps": fps}
         out = pipe(video=path, question=question, max_new_tokens=max_new_tokens, **kw)

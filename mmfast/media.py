@@ -211,6 +211,32 @@ def _describe(src: object) -> str:
     return f"<{type(src).__name__}{'' if shape is None else f' shape={tuple(shape)}'}>"
 
 
+def media_kind(path: str | os.PathLike[str]) -> str:
+    """``"image"`` or ``"video"`` by content for a local file (an image header PIL reads, else a container with a
+    video stream PyAV opens; animated images count as images), by extension for URLs and unreadable files (their
+    loader then raises the typed error)."""
+    p = Path(os.fspath(path))
+    if not p.is_file() or p.stat().st_size == 0:
+        return "video" if is_video_path(path) else "image"
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(p) as im:
+            if not getattr(im, "is_animated", False) or p.suffix.lower() not in VIDEO_EXTENSIONS:
+                return "image"
+    except (UnidentifiedImageError, OSError, ValueError):
+        pass
+    try:
+        import av
+
+        with av.open(str(p), metadata_errors="ignore") as container:
+            if container.streams.video:
+                return "video"
+    except Exception:  # noqa: BLE001 - any demuxer failure means "not a video we can open": fall back below
+        pass
+    return "video" if is_video_path(path) else "image"
+
+
 def is_video_path(x: object) -> bool:
     """True if ``x`` is a str / path whose extension is a video container (``.mp4``, ``.gif``, ...)."""
     return isinstance(x, (str, os.PathLike)) and Path(os.fspath(x)).suffix.lower() in VIDEO_EXTENSIONS
@@ -689,6 +715,7 @@ __all__ = [
     "MAX_VIDEO_BYTES",
     "MAX_VIDEO_FRAMES",
     "VIDEO_EXTENSIONS",
+    "media_kind",
     "Video",
     "is_video_path",
     "load_image",

@@ -498,3 +498,20 @@ def test_image_size_limits(rgb: np.ndarray, tmp_path: Path, monkeypatch: pytest.
     for src in (_png(rgb), rgb, Image.fromarray(rgb)):
         with pytest.raises(InvalidInputError, match="megapixels"):
             load_image(src)
+
+
+def test_media_kind_reads_content_not_extension(tmp_path):
+    from PIL import Image
+
+    from mmfast.media import media_kind
+
+    vid = _write_video(tmp_path / "clip.mp4", "mpeg4")
+    renamed = tmp_path / "clip.bin"
+    renamed.write_bytes(vid.read_bytes())
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.png")
+    (tmp_path / "photo.dat").write_bytes((tmp_path / "photo.png").read_bytes())
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    assert media_kind(vid) == media_kind(renamed) == "video"
+    assert media_kind(tmp_path / "photo.png") == media_kind(tmp_path / "photo.dat") == "image"
+    assert media_kind(tmp_path / "empty.mp4") == "video"  # unreadable: by extension, the loader says what is wrong
+    assert media_kind("https://example.com/a.mp4") == "video"
