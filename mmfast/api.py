@@ -10,13 +10,14 @@ import torch
 
 from mmfast import zoo
 from mmfast.accel.spec import resolve
-from mmfast.errors import ConfigError, UnsupportedModelError
+from mmfast.errors import ConfigError, IncompatibleAcceleratorError, UnsupportedModelError
 from mmfast.models.registry import ARGEN_ADAPTERS, adapter_for, load_class
 from mmfast.pipelines.base import VLMPipeline
 from mmfast.pipelines.image_gen import ImageGenPipeline, TextToImagePipeline
 from mmfast.pipelines.image_qa import ImageCaptionPipeline, ImageQAPipeline
 from mmfast.pipelines.streaming import StreamingVideoQAPipeline
 from mmfast.pipelines.video_qa import VideoQAPipeline
+from mmfast.types import Stage
 
 TASKS: dict[str, type[Any]] = {
     "image-qa": ImageQAPipeline,
@@ -148,6 +149,11 @@ def pipeline(
         for a in acc:
             a.check_compatible(gen_adapter)
         return TASKS[task](gen_adapter, acc, model_name=name, **kwargs)
+    if task != "streaming-video-qa":
+        for a in acc:
+            if Stage.STREAM in getattr(a, "stages", ()):
+                raise IncompatibleAcceleratorError(
+                    f"{a.spec()} acts on a video stream: use it with pipeline('streaming-video-qa', ...), not {task!r}.")
     m, p, name = load_vlm(model if model is not None else DEFAULT_MODELS[task], device=device, dtype=dtype)
     adapter = adapter_for(m, p)
     for a in acc:

@@ -1,4 +1,4 @@
-"""The ``mmfast`` command line (typer): ask, caption, bench, env, demo, zoo.
+"""The ``mmfast`` command line (typer): ask, caption, generate, bench, app, env, demo, zoo, batch.
 
 Errors mmfast raises on purpose (:class:`~mmfast.errors.MMFastError`) print one line and exit with code 2;
 no traceback.
@@ -40,6 +40,7 @@ def ask(
 ) -> None:
     """Answer a question about an image or a video."""
     import mmfast
+    from mmfast.errors import InvalidInputError
     from mmfast.media import media_kind
 
     if media_kind(path) == "video":  # by content: a video named .bin is still a video
@@ -47,10 +48,14 @@ def ask(
         kw: dict[str, Any] = {"num_frames": num_frames} if fps is None else {"fps": fps}
         out = pipe(video=path, question=question, max_new_tokens=max_new_tokens, **kw)
     else:
+        if num_frames is not None or fps is not None:
+            raise InvalidInputError(f"{path!r} is an image: --num-frames / --fps apply to videos only.")
         pipe = mmfast.pipeline("image-qa", model=model, accelerate=accelerate)
         out = pipe(image=path, question=question, max_new_tokens=max_new_tokens)
     if as_json:
         _print_json(out)
+    elif out["stats"].get("empty_answer"):  # a blank line would look like a hang or a crash
+        typer.echo("(empty answer: the model ended without text; --json shows the stats)", err=True)
     else:
         typer.echo(out["answer"])
 
@@ -149,6 +154,22 @@ def bench(
             opts[key.strip()] = value
     res = B.run(suite, accelerate, repeats=repeats, json_path=json_path, md_path=md_path, **opts)
     typer.echo(res.to_markdown())
+
+
+@app.command("app")
+def app_cmd(
+    vlm: str = typer.Option("tiny-vlm", help="VLM for the QA and streaming tabs ('none' hides them)"),
+    gen: str = typer.Option("tiny-ar", help="next-token image generator ('none' hides it)"),
+    var: str = typer.Option("tiny-var", help="next-scale image generator ('none' hides it)"),
+    host: str = typer.Option("127.0.0.1", help="interface to listen on (0.0.0.0 serves the network)"),
+    port: int = typer.Option(7860),
+    share: bool = typer.Option(False, help="a public gradio.live link (needs the internet)"),
+) -> None:
+    """Serve the Gradio app: image / video QA, streaming video and generation, baseline vs accelerated."""
+    from mmfast.apps import launch
+
+    none = lambda m: None if m.lower() == "none" else m  # noqa: E731
+    launch(host=host, port=port, share=share, vlm=none(vlm), gen=none(gen), var=none(var))
 
 
 @app.command()
@@ -415,11 +436,29 @@ def batch_generate(
 
 
 def main() -> None:
+    """Run the CLI: mmfast's typed errors and click's usage errors (unknown command / option, a bad value) print one
+    ``error: ...`` line on stderr and exit 2; Ctrl-C exits 130."""
+    import os
+
+    from typer._click import exceptions as click_errors  # typer >= 0.24 ships its own click
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no weight-loading bars around a one-line answer
     try:
-        app()
+        code = app(standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as e:
+        typer.echo(e.ctx.get_help() if e.ctx is not None else str(e))
+        sys.exit(2)
+    except click_errors.UsageError as e:
+        cmd = e.ctx.command_path if e.ctx is not None else "mmfast"
+        typer.echo(f"error: {e.format_message()} (see `{cmd} --help`)", err=True)
+        sys.exit(2)
     except MMFastError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except (KeyboardInterrupt, click_errors.Abort):
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -74,7 +74,7 @@ def load_image(src: ImageInput) -> Image.Image:
         image = _decode_pil(lambda: src, what)
     elif isinstance(src, (str, os.PathLike)):
         path = _check_file(src, "image")
-        hint = " It looks like a video: use load_video." if is_video_path(path) else ""
+        hint = " It is a video: ask about it with video-qa (or load_video)." if media_kind(path) == "video" else ""
         with open(path, "rb") as f:
             image = _decode_pil(lambda: Image.open(f), what, hint)
     elif isinstance(src, (bytes, bytearray, memoryview)):
@@ -211,30 +211,35 @@ def _describe(src: object) -> str:
     return f"<{type(src).__name__}{'' if shape is None else f' shape={tuple(shape)}'}>"
 
 
-def media_kind(path: str | os.PathLike[str]) -> str:
-    """``"image"`` or ``"video"`` by content for a local file (an image header PIL reads, else a container with a
-    video stream PyAV opens; animated images count as images), by extension for URLs and unreadable files (their
-    loader then raises the typed error)."""
+def probe_kind(path: str | os.PathLike[str]) -> str | None:
+    """``"image"`` or ``"video"`` by the content of a local file, or None when neither loader can open it: an image
+    header PIL reads (an animated GIF / WebP counts as a video only under a video extension), else a container with
+    a moving video stream that PyAV opens (a still image read by FFmpeg's image demuxers is not one)."""
     p = Path(os.fspath(path))
     if not p.is_file() or p.stat().st_size == 0:
-        return "video" if is_video_path(path) else "image"
-    from PIL import Image, UnidentifiedImageError
-
+        return None
     try:
         with Image.open(p) as im:
             if not getattr(im, "is_animated", False) or p.suffix.lower() not in VIDEO_EXTENSIONS:
                 return "image"
-    except (UnidentifiedImageError, OSError, ValueError):
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         pass
     try:
         import av
 
         with av.open(str(p), metadata_errors="ignore") as container:
-            if container.streams.video:
+            fmt = container.format.name
+            if container.streams.video and fmt != "image2" and not fmt.endswith("_pipe") and fmt != "tty":
                 return "video"
-    except Exception:  # noqa: BLE001 - any demuxer failure means "not a video we can open": fall back below
+    except Exception:  # noqa: BLE001 - any demuxer failure means "not a video we can open"
         pass
-    return "video" if is_video_path(path) else "image"
+    return None
+
+
+def media_kind(path: str | os.PathLike[str]) -> str:
+    """``"image"`` or ``"video"``: by content for a readable local file (:func:`probe_kind`), by extension for
+    URLs and unreadable files (their loader then raises the typed error)."""
+    return probe_kind(path) or ("video" if is_video_path(path) else "image")
 
 
 def is_video_path(x: object) -> bool:
@@ -431,6 +436,9 @@ def _select_indices(
     total: int, src_fps: float | None, num_frames: int | None, fps: float | None, max_frames: int | None, what: str
 ) -> np.ndarray:
     if num_frames is not None:
+        if num_frames > MAX_VIDEO_FRAMES:
+            raise InvalidInputError(f"num_frames={num_frames} is beyond the {MAX_VIDEO_FRAMES} frames a video may have; "
+                                    f"{what} has {total}: ask for fewer.")
         return sample_indices_uniform(total, min(num_frames, max_frames or num_frames))
     if fps is not None:
         if src_fps is None:
@@ -612,6 +620,9 @@ def _probe_container(container: Any, what: str, time_base: int) -> _Probe:
             raise InvalidInputError(f"{what} has more than {MAX_VIDEO_FRAMES} frames; cut it first.")
     if not pts:
         raise InvalidInputError(f"{what} contains no video frames.")
+    if len(pts) == 1 and (container.format.name == "image2" or container.format.name.endswith("_pipe")):
+        raise InvalidInputError(f"{what} is a still image ({container.format.name}), not a video: ask about it as an "
+                                "image (image-qa; `mmfast ask` routes by content).")
 
     fps = _stream_fps(stream)
     timed = stream.time_base is not None and not np.isnan(pts).any()

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from mmfast.errors import ConfigError, InvalidInputError
-from mmfast.media import VIDEO_EXTENSIONS
+from mmfast.media import VIDEO_EXTENSIONS, probe_kind
 
 #: file extensions a folder / glob discovery takes as images
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"})
@@ -61,8 +61,20 @@ class Item:
     seed: int | None = None
 
 
+#: sidecar files a media folder often holds: never probed as media
+SIDECAR_EXTENSIONS = frozenset({".json", ".jsonl", ".csv", ".txt", ".md", ".parquet", ".yaml", ".yml", ".py", ".log"})
+
+
 def _kind(path: str | os.PathLike[str]) -> str | None:
+    """The item kind by content (a video named ``.bin`` is a video, a PNG named ``.mp4`` an image), else by
+    extension for files that cannot be read (their record then holds the loader's typed error); None when the file
+    is neither (folder scans skip it)."""
     ext = Path(path).suffix.lower()
+    if ext in SIDECAR_EXTENSIONS:
+        return None
+    kind = probe_kind(path)
+    if kind is not None:
+        return kind
     if ext in IMAGE_EXTENSIONS:
         return "image"
     if ext in VIDEO_EXTENSIONS:

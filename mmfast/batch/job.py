@@ -17,7 +17,8 @@ from typing import Any
 from mmfast.batch.inputs import TASKS, Item, discover
 from mmfast.batch.store import JsonlStore, RecordStore, open_store
 from mmfast.batch.worker import JobSpec, Worker
-from mmfast.errors import ConfigError
+from mmfast.errors import ConfigError, InvalidInputError
+from mmfast.pipelines.base import check_generation_kwargs
 
 ENGINES = ("local", "ray")
 
@@ -159,10 +160,21 @@ def run(
         from mmfast.batch.ray_engine import require_ray
 
         require_ray()  # say how to install it before any work
+    if task != "generate":  # the same typed errors as the pipelines, before any model loads
+        check_generation_kwargs({"max_new_tokens": max_new_tokens})
     t0 = time.perf_counter()
     items = discover(task, inputs, labels=labels, n=n)
+    if task == "qa" and question is None:
+        missing = [it.id for it in items if not it.question]
+        if missing:
+            raise InvalidInputError(f"{len(missing)} of {len(items)} inputs have no question (e.g. {missing[0]!r}): pass "
+                                    "--question, or give the manifest a 'question' column.")
     out_path = Path(out)
-    store = open_store(out_path, fmt)
+    try:
+        store = open_store(out_path, fmt)
+    except OSError as e:
+        raise InvalidInputError(f"cannot write the records to {str(out_path)!r}: {e.strerror or e}; pick a writable "
+                                "folder.") from e
     wanted = {it.id for it in items}
     retried = 0
     if retry_errors:

@@ -123,6 +123,19 @@ class VLMAdapter:
     def tokenizer(self) -> Any:
         return getattr(self.processor, "tokenizer", self.processor)
 
+    @property
+    def min_image_side(self) -> int:
+        """Smallest image side the model can see anything in: one patch of its vision tower (1 if unknown)."""
+        vc = getattr(self.config, "vision_config", None)
+        patch = getattr(vc, "patch_size", None) if vc is not None else None
+        return int(patch) if isinstance(patch, int) and patch > 0 else 1
+
+    @property
+    def context_length(self) -> int | None:
+        """The language model's context in tokens (``max_position_embeddings``), or None if the config has none."""
+        n = getattr(self.text_config, "max_position_embeddings", None)
+        return int(n) if isinstance(n, int) and n > 0 else None
+
     def token_id(self, kind: str) -> int:
         """The placeholder token id of ``"image"`` or ``"video"`` inputs."""
         attr = "image_token_id" if kind == "image" else "video_token_id"

@@ -35,8 +35,39 @@ def check_generation_kwargs(kw: dict[str, Any]) -> None:
         lo = 1 if key == "max_new_tokens" else 0
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise InvalidInputError(f"{key} must be an integer >= {lo}, got {v!r}.")
-    if isinstance(kw.get("max_new_tokens"), int) and kw.get("min_new_tokens", 0) > kw["max_new_tokens"]:
+    if isinstance(kw.get("max_new_tokens"), int) and (kw.get("min_new_tokens") or 0) > kw["max_new_tokens"]:
         raise InvalidInputError(f"min_new_tokens ({kw['min_new_tokens']}) exceeds max_new_tokens ({kw['max_new_tokens']}).")
+
+
+def check_question(q: Any) -> str:
+    """The question as a non-empty ``str`` that encodes to UTF-8 (lone surrogates, e.g. from undecodable command-line
+    bytes, would fail inside the tokenizer). Control characters are passed to the tokenizer unchanged."""
+    if isinstance(q, (bytes, bytearray)):
+        try:
+            q = bytes(q).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidInputError(f"The question bytes are not UTF-8 ({e.reason} at byte {e.start}); decode them "
+                                    "to a str first.") from e
+    if not isinstance(q, str) or not q.strip():
+        raise InvalidInputError("A non-empty question string is required (question='...').")
+    try:
+        q.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidInputError(f"The question holds characters that are not valid UTF-8 (position {e.start}); "
+                                "pass text decoded as UTF-8.") from e
+    return q
+
+
+def check_context(adapter: VLMAdapter, prompt_tokens: int, max_new_tokens: int | None, what: str = "the prompt") -> None:
+    """Typed error when ``prompt_tokens + max_new_tokens`` exceeds the model's context (checked on the prompt as the
+    processor built it, before any visual-token reduction: reduced tokens keep their original positions)."""
+    ctx = adapter.context_length
+    need = prompt_tokens + (max_new_tokens or 32)
+    if ctx is not None and need > ctx:
+        raise InvalidInputError(
+            f"{what} is {prompt_tokens} tokens and up to {max_new_tokens or 32} new tokens were asked for: {need} > the "
+            f"model's context of {ctx} tokens. Shorten the question, use fewer video frames (num_frames=...) or a "
+            "smaller image, or lower max_new_tokens.")
 
 
 class VLMPipeline:
@@ -148,7 +179,26 @@ class VLMPipeline:
 
     def _finish(self, prepared: Prepared, out: dict[str, Any]) -> dict[str, Any]:
         out["stats"].update(prepared.stats)
+        # an empty answer is a real outcome (the model ended at once), flagged so callers need not guess
+        out["stats"]["empty_answer"] = not out["answer"].strip()
         return out
+
+    def _checked(self, inputs: Any, kw: dict[str, Any], stats: dict[str, Any] | None = None) -> Prepared:
+        """A :class:`Prepared` after the context check on the processor's ``input_ids``."""
+        ids = inputs.get("input_ids") if hasattr(inputs, "get") else None
+        if ids is not None:
+            check_context(self.adapter, int(ids.shape[-1]), kw.get("max_new_tokens", self.defaults.get("max_new_tokens")))
+        return Prepared(inputs, kw, stats or {})
+
+    def _check_images(self, images: Sequence[Any]) -> None:
+        """Typed error for an image smaller than one patch of the vision tower (the model would see nothing)."""
+        side = self.adapter.min_image_side
+        for im in images:
+            w, h = im.size
+            if min(w, h) < side:
+                raise InvalidInputError(
+                    f"The image is {w}x{h} pixels, smaller than one {side}x{side} patch of this model's vision "
+                    f"tower: there is nothing to see. Pass an image at least {side} pixels on each side.")
 
     def run_prepared(self, prepared: Sequence[Prepared], batch_size: int = 1) -> list[dict[str, Any]]:
         """Answer prepared examples, ``batch_size`` prompts per ``generate`` call where the attached methods allow
@@ -192,8 +242,4 @@ class VLMPipeline:
     @staticmethod
     def _question(kw: dict[str, Any], default: str | None = None) -> str:
         q = kw.pop("question", None)
-        if q is None:
-            q = default
-        if not isinstance(q, str) or not q.strip():
-            raise InvalidInputError("A non-empty question string is required (question='...').")
-        return q
+        return check_question(default if q is None else q)

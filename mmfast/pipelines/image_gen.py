@@ -75,8 +75,10 @@ class ImageGenPipeline:
         if output_type not in ("pil", "tokens"):
             raise InvalidInputError("output_type must be 'pil' or 'tokens'.")
         sampling = self._sampling(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise InvalidInputError(f"seed must be an integer >= 0, got {seed!r}.")
         if generator is None and seed is not None:
-            generator = torch.Generator().manual_seed(int(seed))
+            generator = torch.Generator().manual_seed(seed)
         self._interrupt = False
 
         def on_step(step: int, tokens: torch.Tensor) -> bool:
@@ -86,8 +88,8 @@ class ImageGenPipeline:
 
         decoder = next((a for a in self.accelerate if Stage.DECODE in a.stages), None)
         progress_cfg: Any = {**({"disable": not progress}), **self._progress}
-        size = batch_size or len(conds)
-        if not isinstance(size, int) or size < 1:
+        size = len(conds) if batch_size is None else batch_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise InvalidInputError("batch_size must be a positive integer.")
         chunks, stats = [], {"steps": 0.0, "wall_ms": 0.0}
         with self.accelerate(self.adapter):

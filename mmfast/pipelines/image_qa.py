@@ -27,7 +27,8 @@ class ImageQAPipeline(VLMPipeline):
             images = [load_image(x) for x in kw.pop("images")]
         else:
             images = [load_image(kw.pop("image", None))]
-        return Prepared(self.adapter.preprocess(question, images=images), kw)
+        self._check_images(images)
+        return self._checked(self.adapter.preprocess(question, images=images), kw)
 
 
 class ImageCaptionPipeline(ImageQAPipeline):

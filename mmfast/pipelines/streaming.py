@@ -32,7 +32,7 @@ from mmfast.errors import IncompatibleAcceleratorError, InvalidInputError, Unsup
 from mmfast.media import _is_tensor, _to_numpy, iter_video_frames, load_image, sample_indices_uniform
 from mmfast.models.stream import VideoStream
 from mmfast.models.vlm import VLMAdapter
-from mmfast.pipelines.base import check_generation_kwargs
+from mmfast.pipelines.base import check_context, check_generation_kwargs, check_question
 from mmfast.types import Stage
 
 STRATEGIES = ("cache", "reprefill")
@@ -115,6 +115,10 @@ class StreamingVideoQAPipeline:
         array). Frames must keep the stream's size. Returns :attr:`state`."""
         batch = self._frames_of(frames)
         size = self._size or batch[0].shape[:2]
+        side = self.adapter.min_image_side
+        if min(size) < side:
+            raise InvalidInputError(f"frames of {size[1]}x{size[0]} pixels are smaller than one {side}x{side} patch of "
+                                    "this model's vision tower: there is nothing to see. The stream is unchanged.")
         for frame in batch:  # every frame checked before any is pushed: a bad batch leaves the stream as it was
             if frame.shape[:2] != size:
                 raise InvalidInputError(
@@ -154,9 +158,11 @@ class StreamingVideoQAPipeline:
     def ask(self, question: str, **gen_kwargs: Any) -> dict[str, Any]:
         """Answer from what the stream holds now; the stream is not changed. ``max_new_tokens`` etc. go to
         ``generate`` (greedy by default)."""
-        if not isinstance(question, str) or not question.strip():
-            raise InvalidInputError("ask() needs a non-empty question string.")
+        question = check_question(question)
         check_generation_kwargs(gen_kwargs)
+        n_q = len(self.adapter.tokenizer(question, add_special_tokens=False)["input_ids"])
+        check_context(self.adapter, n_q, gen_kwargs.get("max_new_tokens", self.defaults.get("max_new_tokens")),
+                      "the question")
         if self.strategy == "reprefill":
             return self._ask_reprefill(question, gen_kwargs)
         if self._stream.frames == 0:
@@ -169,7 +175,8 @@ class StreamingVideoQAPipeline:
         with self.accelerate(self.adapter):
             new, stats = self._stream.answer(question, **gen)
         text = self.adapter.tokenizer.decode(new, skip_special_tokens=True).strip()
-        return {"answer": text, "stats": {"method": self.accelerate.spec(), **self.state, **stats}}
+        return {"answer": text, "stats": {"method": self.accelerate.spec(), **self.state, **stats,
+                                          "empty_answer": not text}}
 
     def _ask_reprefill(self, question: str, gen_kwargs: dict[str, Any]) -> dict[str, Any]:
         if not self._frames:
@@ -178,7 +185,7 @@ class StreamingVideoQAPipeline:
         inputs = self.adapter.preprocess(question, video=np.stack([self._frames[i] for i in idx]))
         result = self.adapter.generate(inputs, **{"max_new_tokens": 32, **gen_kwargs})
         stats = {"method": f"reprefill(num_frames={self.num_frames})", **self.state, **result.stats,
-                 "frames_used": len(idx)}
+                 "frames_used": len(idx), "empty_answer": not result.text.strip()}
         return {"answer": result.text, "stats": stats}
 
     # ---- inputs ---------------------------------------------------------------------------------------------

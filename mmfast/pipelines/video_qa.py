@@ -10,6 +10,8 @@ from mmfast.media import is_video_path, load_video
 from mmfast.pipelines.base import Prepared, VLMPipeline
 
 DEFAULT_NUM_FRAMES = 8
+#: with ``fps=``, at most this many frames unless ``max_frames`` says otherwise (frames_capped in the stats)
+DEFAULT_MAX_FRAMES = 256
 
 
 class VideoQAPipeline(VLMPipeline):
@@ -17,7 +19,10 @@ class VideoQAPipeline(VLMPipeline):
 
     ``video`` is a path or bytes (decoded with decord, falling back to PyAV), a list of frames (images) or a
     (T, H, W, 3) array. A list of paths / of frame lists makes a batch. Frames are sampled uniformly
-    (``num_frames``, default: the model's ``mmfast_num_frames`` or 8) or at ``fps`` frames per second.
+    (``num_frames``, default: the model's ``mmfast_num_frames`` or 8) or at ``fps`` frames per second: never
+    more than every frame (``fps_sampled`` in the stats says what was sampled) nor ``max_frames`` (default 256 with
+    ``fps``; ``frames_capped`` says so). Frames smaller than one vision patch, a prompt beyond the model's context
+    and a still image given as a video are typed errors.
     """
 
     task = "video-qa"
@@ -42,7 +47,24 @@ class VideoQAPipeline(VLMPipeline):
             num_frames = self.defaults.get("num_frames") or getattr(
                 self.adapter.config, "mmfast_num_frames", DEFAULT_NUM_FRAMES
             )
+        if fps is not None and max_frames is None:
+            max_frames = self.defaults.get("max_frames") or getattr(self.adapter.config, "mmfast_max_frames",
+                                                                      DEFAULT_MAX_FRAMES)
         video = load_video(kw.pop("video", None), num_frames=num_frames, fps=fps, max_frames=max_frames)
+        h, w = video.frames.shape[1:3]
+        self._check_images([_Size(w, h)])
         inputs = self.adapter.preprocess(question, video=video.frames)
         stats = {"frames": len(video), "frame_indices": video.indices.tolist(), "source_frames": video.total_frames}
-        return Prepared(inputs, kw, stats)
+        if fps is not None:  # what was asked vs what was sampled: never more than every frame, nor max_frames
+            stats["fps_requested"] = float(fps)
+            if video.fps:
+                stats["fps_sampled"] = round(len(video) * video.fps / max(video.total_frames, 1), 3)
+            stats["frames_capped"] = len(video) == max_frames and video.total_frames > max_frames
+        return self._checked(inputs, kw, stats)
+
+
+class _Size:
+    """A (width, height) pair where the size check expects an image."""
+
+    def __init__(self, w: int, h: int):
+        self.size = (int(w), int(h))
