@@ -1,9 +1,15 @@
 """Kernels: ``<op>/reference.py`` (torch, the test oracle), ``<op>/triton.py`` (guarded import) and
-``<op>/__init__.py`` (dispatch).
+``<op>/__init__.py`` (dispatch). docs/kernels.md lists the ops and their status.
 
-Dispatch rule (docs/architecture.md, Kernels): Triton when the tensors are on CUDA and Triton imports, or when
-``MMFAST_KERNEL_IMPL=triton`` (tests run it on CPU under ``TRITON_INTERPRET=1``); torch otherwise
-(``MMFAST_KERNEL_IMPL=torch`` forces it). CUDA is never queried at import time.
+Dispatch rule: ``MMFAST_KERNEL_IMPL=triton`` forces the Triton kernel (tests run it on CPU under
+``TRITON_INTERPRET=1``), ``MMFAST_KERNEL_IMPL=torch`` forces the reference. Otherwise (``auto``) the Triton kernel
+runs only when the tensors are on CUDA, Triton imports **and** the op is marked verified in :data:`GPU_VERIFIED`
+(its CUDA test passed on a real GPU); an unverified op stays on torch by default and its kernel is opt-in. CUDA is
+never queried at import time.
+
+Every op package also exposes ``benchmark(impl, *, device, dtype, **shape) -> Callable[[], Any]``: synthetic
+inputs of the given shape built once, and a closure running one call of the ``"torch"`` or ``"triton"``
+implementation on them (for a GPU timing suite: ``triton.testing.do_bench(benchmark("triton", device="cuda"))``).
 """
 
 from __future__ import annotations
@@ -12,6 +18,16 @@ import functools
 import os
 
 import torch
+
+#: op -> its Triton kernel passed its CUDA test on a real GPU (only then is it the default on CUDA). Flip an entry
+#: only after running ``tests/test_kernels_*.py`` on a GPU (the CUDA tests are skipped elsewhere).
+GPU_VERIFIED: dict[str, bool] = {
+    "probe_attention": False,
+    "kv_quant": False,
+    "packed_attention": False,
+    "token_merge": False,
+    "spec_verify": False,
+}
 
 
 @functools.cache
@@ -23,11 +39,20 @@ def triton_available() -> bool:
     return True
 
 
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """Whether to run the Triton kernel on ``tensors`` (see the module docstring)."""
+def kernel_impl() -> str:
+    """``MMFAST_KERNEL_IMPL``: ``"triton"``, ``"torch"`` or ``"auto"`` (unset / anything else)."""
     impl = os.environ.get("MMFAST_KERNEL_IMPL", "").strip().lower()
     if impl in ("torch", "reference"):
+        return "torch"
+    return "triton" if impl == "triton" else "auto"
+
+
+def use_triton(*tensors: torch.Tensor, verified: bool = False) -> bool:
+    """Whether to run the Triton kernel on ``tensors`` (see the module docstring); ``verified``: the op's entry in
+    :data:`GPU_VERIFIED`."""
+    impl = kernel_impl()
+    if impl == "torch":
         return False
     if impl == "triton":
         return triton_available()
-    return bool(tensors) and all(t.is_cuda for t in tensors) and triton_available()
+    return verified and bool(tensors) and all(t.is_cuda for t in tensors) and triton_available()

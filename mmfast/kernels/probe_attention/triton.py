@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-_NEG = -1.0e30  # finite "minus infinity": keeps exp(x - m) defined for rows that see no key
+_NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": keeps exp(x - m) defined for rows that see no key
 
 
 @triton.jit
