@@ -163,14 +163,18 @@ def test_lantern_per_step_tv_in_decoding():
 
 
 def test_gsd_group_on_hand_built_targets():
-    emb = torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.0, 0.2], [3.0, 3.0], [0.2, 0.1], [5.0, 0.0]])
-    p = torch.tensor([[[0.30, 0.25, 0.20, 0.15, 0.06, 0.04]]])
+    # six ranked tokens, then ten less likely far-away ones (16 >= 2 * rank_window codes: no wrapped slice)
+    emb = torch.cat([torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.0, 0.2], [3.0, 3.0], [0.2, 0.1], [5.0, 0.0]]),
+                     torch.full((10, 2), 9.0)])
+    p = torch.cat([torch.tensor([0.30, 0.25, 0.20, 0.15, 0.06, 0.04]), torch.linspace(1e-3, 1e-4, 10)])[None, None]
     rule = GSDRule(rank_window=7, prob_threshold=0.15, emb_threshold=0.5)
     g = rule.group(p, torch.tensor([[0]]), emb)[0, 0].tolist()
     # token 3: far in embedding space; token 4, 5: probability gap >= 0.15... token 4 gap 0.24, token 5 gap 0.26 / far
-    assert g == [True, True, True, False, False, False]
+    assert g == [True, True, True] + [False] * 13
     rule2 = GSDRule(rank_window=1, prob_threshold=1.0, emb_threshold=100.0)
-    assert rule2.group(p, torch.tensor([[2]]), emb)[0, 0].tolist() == [False, True, True, False, False, False]
+    # the reference's ascending slice [c - 1 : c + 1]: x (rank 2) and the next LESS likely token (rank 3)
+    assert rule2.group(p, torch.tensor([[2]]), emb)[0, 0].tolist() == [False, False, True, True] + [False] * 12
+    assert rule2.group(p, torch.tensor([[15]]), emb)[0, 0].sum() == 1  # the least likely: empty slice, G = {x}
 
     class _Emb:
         def token_embeddings(self):
@@ -241,6 +245,7 @@ def test_gsd_group_equals_the_full_vocabulary_definition():
     order = p.argsort(-1, descending=True)
     rank = order.argsort(-1)
     rx = rank.gather(-1, x[..., None])
-    ref = ((rank >= rx - 7) & (rank < rx + 7) & ((p - p.gather(-1, x[..., None])).abs() < 0.01)
+    # ranks r-6 .. r+7 (the reference's ascending slice); none when x is among the 7 least likely (empty slice)
+    ref = ((rank > rx - 7) & (rank <= rx + 7) & (rx < 300 - 7) & ((p - p.gather(-1, x[..., None])).abs() < 0.01)
            & ((emb[None, None] - emb[x][..., None, :]).square().sum(-1) < 1.0)).scatter(-1, x[..., None], True)
     assert torch.equal(got, ref) and 1 < int(got.sum(-1).max()) < 14

@@ -8,7 +8,10 @@ accepts with probability ``min(1, sum_{y in G} p(y) / sum_{y in G} q(y))``, comm
 rebuilt at every step from the current target (the paper's "dynamic" clustering; static embedding clusters
 failed in the paper), as in the official code:
 
-1. ``R``: tokens whose rank under the target is within ``[rank(x) - rank_window, rank(x) + rank_window)``;
+1. ``R``: the reference sorts the processed logits in ascending order and takes the slice
+   ``[c - rank_window : c + rank_window]`` around the draft's position ``c`` (Python slicing); in descending rank
+   ``r`` (0 = likeliest) that is ranks ``r - rank_window + 1 .. r + rank_window``: with the default 7, six more
+   likely and seven less likely tokens than ``x``, and ``x`` itself;
 2. ``G = {y in R : |p(y) - p(x)| < prob_threshold and ||e_y - e_x||^2 < emb_threshold}``, where ``e`` are the
    language model's input embeddings of the image tokens (not the VQ codebook).
 
@@ -16,6 +19,21 @@ Defaults are the paper's: ``rank_window=7, prob_threshold=0.15, emb_threshold=0.
 in the units of the model's embedding table: it was set for Lumina-mGPT; rescale it for other models). After a
 rejection the SJD residual ``norm(max(0, p - q))`` is sampled. GSD is lossy and has no TV bound; the bench
 reports its drift. Drafts are SJD's Jacobi drafts.
+
+Edges, as the reference decides them (junhyukso/GSD, ``SpeculativeSampler.__call__``):
+
+* near the top of the ranking the slice simply ends at the likeliest token (fewer than ``2 * rank_window`` tokens);
+* when ``x`` is among the ``rank_window`` LEAST likely tokens, the slice's start ``c - rank_window`` is negative,
+  Python counts it from the end, and the slice comes out empty (for ``V >= 2 * rank_window``); the reference's
+  ``max()`` over it then raises and its ``except`` falls back to the plain test ``min(1, p(x) / q(x))``. Here the
+  group is ``{x}`` alone, which is that test.
+* Not reproduced: the reference skips the embedding test when the slice holds a token id above 10000 (Lumina-mGPT's
+  text ids, forced to -inf) and falls back to the plain test on id 10000 (its distance table has 10000 rows);
+  mmfast's tokens are codebook indices only. ``x`` is always in its group: the reference's group holds ``x``
+  whenever its slice does and both thresholds are positive, but with ``prob_threshold=0`` its group is empty and
+  its 0/0 ratio rejects every draft, where mmfast's ``gsd(prob_threshold=0)`` is SJD's test; and for a codebook of
+  fewer than ``2 * rank_window`` codes a wrapped slice can miss ``x``. Ties in the ranking (tokens cut by top-k
+  share -inf) are ordered arbitrarily by both sorts, so groups there can differ.
 """
 
 from __future__ import annotations
@@ -44,14 +62,17 @@ class GSDRule(StrictRule):
     def group(self, p: torch.Tensor, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """p (B, K, V), x (B, K), emb (V, D) → (B, K, V) bool membership of G(x) (x always included).
 
-        One sort of the target; the probability and embedding tests run on the ``2 * rank_window`` tokens of the
-        rank window only (not on all V: at V = 16384 and D = 768 that was most of a step's cost)."""
+        One sort of the target; the probability and embedding tests run on the at most ``2 * rank_window`` tokens
+        of the slice only (not on all V: at V = 16384 and D = 768 that was most of a step's cost)."""
         v, w = p.shape[-1], self.rank_window
-        order = p.argsort(-1, descending=True)  # order[r] = token of rank r
-        rx = (order == x[..., None]).to(torch.int8).argmax(-1)  # rank of x, (B, K)
-        pos = (rx - w).clamp_min(0)[..., None] + torch.arange(2 * w, device=p.device)  # (B, K, 2w)
-        valid = (pos < (rx + w)[..., None]) & (pos < v)
-        cand = order.gather(-1, pos.clamp(max=v - 1))  # tokens of rank in [rx - w, rx + w)
+        order = p.argsort(-1)  # ascending, as the reference sorts the processed logits: order[c] = token at c
+        c = (order == x[..., None]).to(torch.int8).argmax(-1)  # position of x, (B, K)
+        start = c - w  # Python slice semantics: a negative start counts from the end, then clamps at 0
+        start = torch.where(start < 0, start + v, start).clamp_min(0)
+        stop = (c + w).clamp_max(v)
+        pos = start[..., None] + torch.arange(2 * w, device=p.device)  # (B, K, 2w)
+        valid = pos < stop[..., None]  # an empty slice (x among the w least likely) leaves G = {x}
+        cand = order.gather(-1, pos.clamp(max=v - 1))
         px = p.gather(-1, x[..., None])
         close_p = (p.gather(-1, cand) - px).abs() < self.prob_threshold
         d2 = (emb[cand] - emb[x][..., None, :]).square().sum(-1)  # (B, K, 2w)
