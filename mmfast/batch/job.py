@@ -166,8 +166,8 @@ def run(
     items = discover(task, inputs, labels=labels, n=n)
     if task == "qa" and question is None:
         missing = [it.id for it in items if not it.question]
-        if missing:
-            raise InvalidInputError(f"{len(missing)} of {len(items)} inputs have no question (e.g. {missing[0]!r}): pass "
+        if missing and len(missing) == len(items):  # every record would fail; some missing: error records for those
+            raise InvalidInputError(f"None of the {len(items)} inputs has a question (e.g. {missing[0]!r}): pass "
                                     "--question, or give the manifest a 'question' column.")
     out_path = Path(out)
     try:
