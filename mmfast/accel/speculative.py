@@ -14,6 +14,13 @@ initialised drafts), which keeps speculative sampling exact whatever produced th
 Batch policy (as the SJD reference): every row commits ``m + 1`` tokens with ``m`` the smallest number of
 accepted drafts over the rows. A row that accepted more keeps its accepted draft in the last committed slot
 (an exact sample too); rows rejected there take their residual sample. All rows keep one cache length.
+
+Kernel: when the ``spec_verify`` kernel is selected (``MMFAST_KERNEL_IMPL=triton``, or CUDA once
+``GPU_VERIFIED["spec_verify"]``; see :func:`_kernel_verify`), the accept test, the first rejection and — for a
+rule whose residual is the strict ``norm(max(0, p~ - q))`` on ``p`` (SJD, GSD) — the residual / bonus draw run in
+one launch. The accept test reads the same uniforms; the draw takes one uniform through the inverse CDF where the
+torch path calls ``torch.multinomial``, so sampled runs follow another random stream after the first draw (greedy
+runs and LANTERN's torch residual keep the stream, token for token). Otherwise the torch path runs as before.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mmfast.decoding import DecodeResult, sample
+from mmfast.kernels import GPU_VERIFIED, use_triton
+from mmfast.kernels.spec_verify import spec_verify
 from mmfast.models.argen import ARGenAdapter, Sampling
 
 
@@ -143,20 +152,24 @@ def _speculative_decode(
         feed = torch.cat([out[:, n - 1 : n], drafts], dim=1)
         raw = session.forward(feed, torch.arange(n - 1, n - 1 + length))
         steps += 1
-        p = adapter.target_probs(raw, sampling).cpu()  # (B, L, V): p[:, j] is the target at position n + j
+        probs = adapter.target_probs(raw, sampling)
+        p = probs.cpu()  # (B, L, V): p[:, j] is the target at position n + j
         k = length - 1
-        if k > 0:
-            ok = torch.rand(b, k, generator=generator) < rule.accept_probs(p[:, :k], q, drafts, adapter)
-            acc = torch.where(ok.all(1), torch.full((b,), k), (~ok).float().argmax(1))  # accepted drafts per row
+        if k > 0 and use_triton(probs, verified=GPU_VERIFIED["spec_verify"]):
+            m, last = _kernel_verify(rule, adapter, probs, p, q, drafts, sampling, generator)
         else:
-            acc = torch.zeros(b, dtype=torch.long)
-        m = int(acc.min())
-        slot = drafts[:, m] if m < k else None  # the draft at the last committed slot (rows that accepted it)
-        if m < k:
-            res = rule.residual(p[:, m], None if q is None else q[:, m], slot, adapter)
-            last = torch.where(acc > m, slot, _draw(res, sampling, generator))
-        else:
-            last = _draw(p[:, k], sampling, generator)  # every draft accepted: bonus token
+            if k > 0:
+                ok = torch.rand(b, k, generator=generator) < rule.accept_probs(p[:, :k], q, drafts, adapter)
+                acc = torch.where(ok.all(1), torch.full((b,), k), (~ok).float().argmax(1))  # accepted drafts per row
+            else:
+                acc = torch.zeros(b, dtype=torch.long)
+            m = int(acc.min())
+            slot = drafts[:, m] if m < k else None  # the draft at the last committed slot (rows that accepted it)
+            if m < k:
+                res = rule.residual(p[:, m], None if q is None else q[:, m], slot, adapter)
+                last = torch.where(acc > m, slot, _draw(res, sampling, generator))
+            else:
+                last = _draw(p[:, k], sampling, generator)  # every draft accepted: bonus token
         out[:, n : n + m] = drafts[:, :m]
         out[:, n + m] = last
         drafter.commit_probs(p[:, : m + 1], n)
@@ -179,6 +192,49 @@ def _speculative_decode(
     if stats_hook is not None:
         stats_hook(stats)
     return DecodeResult(tokens=out, steps=steps, stats=stats)
+
+
+def _kernel_verify(
+    rule: StrictRule,
+    adapter: ARGenAdapter,
+    probs: torch.Tensor,
+    p: torch.Tensor,
+    q: torch.Tensor | None,
+    drafts: torch.Tensor,
+    sampling: Sampling,
+    generator: torch.Generator | None,
+) -> tuple[int, torch.Tensor]:
+    """One verify step with the ``spec_verify`` kernel on ``probs``' device (``p``: the same, on the CPU); returns
+    what the torch path does: ``m`` and the (B,) tokens of the last committed slot.
+
+    The rule's acceptance probabilities (``min(1, p~(x) / q(x))`` with LANTERN's relaxed target, ``min(1, p(G) /
+    q(G))`` with GSD's group masses, and any rule's own edge cases) are computed as in the torch path and passed as
+    ``px`` with ``qx = 1``, so the kernel's test ``u < px`` takes the same decisions on the same uniforms. A rule
+    whose residual is the strict one on ``p`` (``target`` / ``residual`` not overridden: SJD, GSD) also gets its
+    residual / bonus token from the kernel, drawn with one more uniform (none under greedy decoding); LANTERN's
+    residual is drawn in torch as before.
+    """
+    b, k = drafts.shape
+    u = torch.rand(b, k, generator=generator)  # the torch path's uniforms, in the same order
+    px = rule.accept_probs(p[:, :k], q, drafts, adapter)
+    strict = type(rule).residual is StrictRule.residual and type(rule).target is StrictRule.target
+    draw = strict and not sampling.greedy
+    u_draw = torch.rand(b, generator=generator) if draw else torch.zeros(b)
+    dev = probs.device
+    verdict = spec_verify(
+        probs, drafts.to(dev), u.to(dev), u_draw.to(dev), None if q is None else q.to(dev),
+        px=px.to(dev), qx=torch.ones_like(px, device=dev), greedy=not draw,
+    )  # fmt: skip
+    acc = verdict.accepted.cpu()
+    m = int(acc.min())
+    slot = drafts[:, m] if m < k else None
+    if strict:  # the kernel's draw: residual at each row's first rejection, bonus from p[:, k] if none
+        drawn = verdict.token.cpu()
+    elif m < k:
+        drawn = _draw(rule.residual(p[:, m], None if q is None else q[:, m], slot, adapter), sampling, generator)
+    else:
+        drawn = _draw(p[:, k], sampling, generator)
+    return m, drawn if m == k else torch.where(acc > m, slot, drawn)
 
 
 def _draw(probs: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:

@@ -10,7 +10,13 @@ Every supported family (Llama / Qwen2 / Qwen2-VL text stacks in transformers 5) 
 * :class:`AttentionTap` keeps the latest ``self_attn`` input of every layer (forward pre-hooks), so a KV policy
   running inside ``cache.update`` can recompute that layer's queries;
 * :func:`route_attention` points the language model at a registered attention function that hands each call to
-  a per-module handler (e.g. ZipVL's sparse prefill) and otherwise falls through to the original implementation.
+  a per-module handler (e.g. ZipVL's sparse prefill) and otherwise falls through to the original implementation;
+* :func:`packed_decode` lets decode steps over a :class:`~mmfast.models.cache.CompressedCache` run the
+  ``packed_attention`` kernel on the cache's packed parts (no dequantized copy): a pre-hook tells the cache layer
+  that this call's attention function is the routed one, the layer returns a
+  :class:`~mmfast.models.cache.PackedStep`, and the routed function hands it to the kernel glue
+  (:mod:`mmfast.kernels.packed_attention.hf`), or reads its dequantized view for a call the kernel does not cover
+  (masks beyond causal, sliding windows, soft-capping, sinks).
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from mmfast.kernels import GPU_VERIFIED, kernel_impl
+from mmfast.kernels.packed_attention.hf import packed_decode_attention
+from mmfast.models.cache import PackedStep
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -171,8 +181,13 @@ def _fallback(module: nn.Module) -> Callable[..., tuple[torch.Tensor, Any]]:
 
 
 def _routed_attention(
-    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any, **kwargs: Any
+    module: nn.Module, query: torch.Tensor, key: Any, value: Any, attention_mask: Any, **kwargs: Any
 ):
+    if isinstance(key, PackedStep):  # a decode step over a compressed cache (packed_decode)
+        out = packed_decode_attention(module, query, key.parts(), attention_mask, **kwargs)
+        if out is not None:
+            return out
+        key, value = key.dense(query.dtype)
     fallback = _fallback(module)
     handler = getattr(module, "_mmfast_attention", None)
     if handler is None:
@@ -191,22 +206,34 @@ def _register(orig: str) -> str:
     return name
 
 
+def _route_configs(adapter: Any) -> Callable[[], None]:
+    """Point the language model's configs at the routed attention function; returns the undo function (a no-op
+    when they already are: routing is shared by :func:`route_attention` and :func:`packed_decode`)."""
+    configs = {id(c): c for c in [adapter.language_model.config, *(m.config for m in self_attns(adapter))]}
+    saved = {k: c._attn_implementation for k, c in configs.items()}
+    if any(v and v.startswith(_PREFIX) for v in saved.values()):
+        return lambda: None
+    for k, c in configs.items():
+        c._attn_implementation = _register(saved[k] or "sdpa")
+
+    def undo() -> None:
+        for k, c in configs.items():
+            c._attn_implementation = saved[k]
+
+    return undo
+
+
 def route_attention(adapter: Any, handler: Handler) -> Callable[[], None]:
     """Send every attention call of the adapter's language model to ``handler``; returns the undo function.
 
     ``handler`` receives the original implementation as ``fallback`` and must return what it returns.
     """
     modules = self_attns(adapter)
-    configs = {id(c): c for c in [adapter.language_model.config, *(m.config for m in modules)]}
-    saved = {k: c._attn_implementation for k, c in configs.items()}
-    if any(v and v.startswith(_PREFIX) for v in saved.values()) or any(
-        hasattr(m, "_mmfast_attention") for m in modules
-    ):
+    if any(hasattr(m, "_mmfast_attention") for m in modules):
         from mmfast.errors import IncompatibleAcceleratorError
 
         raise IncompatibleAcceleratorError("Another method already routes this model's attention (one at a time).")
-    for k, c in configs.items():
-        c._attn_implementation = _register(saved[k] or "sdpa")
+    unroute = _route_configs(adapter)
     for m in modules:
         m._mmfast_attention = handler
 
@@ -214,7 +241,38 @@ def route_attention(adapter: Any, handler: Handler) -> Callable[[], None]:
         for m in modules:
             if hasattr(m, "_mmfast_attention"):
                 del m._mmfast_attention
-        for k, c in configs.items():
-            c._attn_implementation = saved[k]
+        unroute()
+
+    return undo
+
+
+def _mark_packed(module: nn.Module, _args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Pre-hook: tell the cache layer of this call that its attention function reads a packed step."""
+    layers = getattr(layer_cache(kwargs), "layers", None) or []
+    layer = layers[module.layer_idx] if module.layer_idx < len(layers) else None
+    if hasattr(layer, "packed_call") and (module.config._attn_implementation or "").startswith(_PREFIX):
+        layer.packed_call = True
+
+
+def packed_decode(adapter: Any) -> Callable[[], None]:
+    """Let decode steps of the adapter's language model over a compressed cache attend over its packed parts with
+    the ``packed_attention`` kernel (when the kernel is selected: ``MMFAST_KERNEL_IMPL=triton``, or CUDA once
+    ``GPU_VERIFIED["packed_attention"]``; a no-op when it cannot be); returns the undo function. Anything else runs
+    as before: other caches, prefill, calls the kernel does not cover (see :mod:`mmfast.kernels.packed_attention.hf`).
+
+    Covers the families whose attention calls ``past_key_values.update`` then the registered attention function
+    with ``module.layer_idx`` (every supported family: Llama / Qwen2 / Qwen2-VL text stacks); routing stacks with
+    :func:`route_attention` (ZipVL's sparse prefill) in either order.
+    """
+    impl = kernel_impl()
+    if impl == "torch" or (impl == "auto" and not GPU_VERIFIED["packed_attention"]):
+        return lambda: None  # the kernel cannot be selected: nothing to route
+    unroute = _route_configs(adapter)
+    handles = [m.register_forward_pre_hook(_mark_packed, with_kwargs=True) for m in self_attns(adapter)]
+
+    def undo() -> None:
+        for h in handles:
+            h.remove()
+        unroute()
 
     return undo

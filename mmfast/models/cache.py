@@ -17,6 +17,13 @@ head keeps the tensor shape), *merged* (a kept entry replaced by a combination o
 tokens decoded since the last re-compression). :meth:`CompressedLayer.nbytes` counts the bytes really held: codes,
 scales, zero-points, masks and the full-precision tail.
 
+Packed decode (:func:`mmfast.models.attention.packed_decode`): when the language model's attention is routed
+through mmfast and the ``packed_attention`` kernel is selected (``mmfast.kernels.use_triton``), a decode step (at
+most :data:`PACKED_MAX_QUERIES` new tokens) skips the dequantized copy: ``update`` returns a :class:`PackedStep`
+(the segments' packed codes and the float tail as kernel parts) in place of both key and value states, and the
+routed attention function runs the kernel on it (or, for a call the kernel does not cover, reads
+:meth:`PackedStep.dense`). A policy that acts on that step still gets the dequantized view.
+
 Batch size 1 is the supported case for eviction (with left padding, evicted rows would shift the padding mask).
 """
 
@@ -27,8 +34,13 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from mmfast.kernels import GPU_VERIFIED, use_triton
 from mmfast.kernels.kv_quant import QTensor, dequantize, meta_dtype, quantize
+from mmfast.kernels.packed_attention import KVPart, segment_parts
 from mmfast.types import KVContext, KVPolicy
+
+#: decode steps with at most this many new tokens may attend over the packed parts (prefill never does)
+PACKED_MAX_QUERIES = 16
 
 
 class KVSegment:
@@ -145,6 +157,38 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.reshape(b, s, heads, hd // heads).transpose(1, 2)
 
 
+def read_entries(
+    segments: list[KVSegment], keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every stored entry in full precision: the segments dequantized (oldest first), then the float tail."""
+    if not segments:
+        return keys, values
+    parts = [seg.dequantize(dtype) for seg in segments]
+    return torch.cat([*(k for k, _ in parts), keys], dim=-2), torch.cat([*(v for _, v in parts), values], dim=-2)
+
+
+class PackedStep:
+    """The entries one decode step attends over, handed to the attention function without a dequantized copy:
+    the quantized segments (read as kernel parts) and the float tail whose last entries are the new tokens.
+
+    :meth:`CompressedLayer.update` returns it in place of both key and value states; the routed attention function
+    (:func:`mmfast.models.attention.packed_decode`) recognises it. It holds references taken before the policies
+    of that step ran (segments are never modified in place), as the step attends over what it had before
+    compressing."""
+
+    def __init__(self, segments: list[KVSegment], keys: torch.Tensor, values: torch.Tensor):
+        self.segments, self.keys, self.values = list(segments), keys, values
+
+    def parts(self) -> list[KVPart]:
+        """Kernel parts: one per precision of every segment, then the tail (causal: it ends with the queries)."""
+        out = [part for seg in self.segments for part in segment_parts(seg)]
+        return [*out, KVPart(self.keys, self.values, causal=True)]
+
+    def dense(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dequantized (B, kv_heads, S, D) keys and values ``update`` returns without the packed path."""
+        return read_entries(self.segments, self.keys, self.values, dtype)
+
+
 class CompressedLayer(DynamicLayer):
     """A dynamic cache layer whose stored entries can be evicted, merged or quantized by policies."""
 
@@ -158,6 +202,9 @@ class CompressedLayer(DynamicLayer):
         self.cumulative_length = 0
         self.prompt_len = 0
         self.segments: list[KVSegment] = []  # quantized entries (oldest first), before the full-precision tail
+        #: set by the routed attention's pre-hook (``packed_decode``) when this call's attention function reads a
+        #: :class:`PackedStep`; the next update consumes it
+        self.packed_call = False
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
@@ -175,11 +222,10 @@ class CompressedLayer(DynamicLayer):
                 positions = kept.to(key_states.device).expand(*key_states.shape[:2], -1)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        keys, values = self.keys, self.values
-        if self.segments:  # dequantize on read; attention order of entries does not matter (all are visible)
-            parts = [seg.dequantize(key_states.dtype) for seg in self.segments]
-            keys = torch.cat([*(k for k, _ in parts), keys], dim=-2)
-            values = torch.cat([*(v for _, v in parts), values], dim=-2)
+        step = self._packed_step(key_states, first)
+        keys = values = None
+        if step is None:  # dequantize on read; attention order of entries does not matter (all are visible)
+            keys, values = read_entries(self.segments, self.keys, self.values, key_states.dtype)
         if self.policies:
             ctx = KVContext(
                 layer_idx=self.layer_idx,
@@ -195,6 +241,9 @@ class CompressedLayer(DynamicLayer):
             for policy in self.policies:
                 if not policy.wants_update(ctx):
                     continue
+                if keys is None:  # a packed step skipped the dequantized view, and a policy reads it
+                    keys, values = step.dense(key_states.dtype)
+                    ctx.keys_all = keys
                 if getattr(policy, "role", "evict") == "quantize":
                     segments, self.keys, self.values = policy.quantize(self.keys, self.values, ctx)
                     self.segments.extend(segments)
@@ -204,7 +253,20 @@ class CompressedLayer(DynamicLayer):
                     ctx.positions = None
                 self.keys, self.values = policy.compress(self.keys, self.values, ctx)
         # This step attends over everything it had before compressing; compression affects later steps.
+        if step is not None:
+            return step, step
         return keys, values
+
+    def _packed_step(self, key_states: torch.Tensor, first: bool) -> PackedStep | None:
+        """The packed view of this update's entries, when its attention reads one and the kernel is selected."""
+        packed, self.packed_call = self.packed_call, False
+        if not packed or first or key_states.shape[-2] > PACKED_MAX_QUERIES:
+            return None
+        if not all(isinstance(seg, MixedPrecisionKV) for seg in self.segments):
+            return None
+        if not use_triton(key_states, verified=GPU_VERIFIED["packed_attention"]):
+            return None
+        return PackedStep(self.segments, self.keys, self.values)
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
@@ -228,6 +290,7 @@ class CompressedLayer(DynamicLayer):
         self.cumulative_length = 0
         self.prompt_len = 0
         self.segments = []
+        self.packed_call = False
 
     def nbytes(self) -> int:
         """Bytes really held: the full-precision tail plus every segment's codes, scales, zero-points and masks."""

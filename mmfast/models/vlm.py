@@ -36,7 +36,7 @@ import torch
 from transformers import BatchFeature, PreTrainedModel
 
 from mmfast.errors import IncompatibleAcceleratorError, InvalidInputError, UnsupportedModelError
-from mmfast.models.attention import cache_kwarg, output_cache
+from mmfast.models.attention import cache_kwarg, output_cache, packed_decode
 from mmfast.models.cache import CompressedCache, kv_bytes, stored_tokens
 from mmfast.models.prefill import PrefillStage
 from mmfast.models.stream import StreamLayout
@@ -425,6 +425,8 @@ class VLMAdapter:
         kwargs.update(gen_kwargs)
         kwargs.setdefault("pad_token_id", self._pad_id())
         handle = self.model.register_forward_hook(on_forward)
+        # decode steps over a compressed cache read its packed parts in the kernel when it is selected (no-op else)
+        undo_packed = packed_decode(self) if cache is not None else (lambda: None)
         try:
             with stage if stage is not None else nullcontext():
                 if answer_from_kv and cache is not None:
@@ -432,6 +434,7 @@ class VLMAdapter:
                 out = self.model.generate(**gen_inputs, **kwargs, return_dict_in_generate=True)
         finally:
             handle.remove()
+            undo_packed()
         t_end = time.perf_counter()
         prompt_len = gen_inputs["input_ids"].shape[1]
         new = out.sequences[0, prompt_len:]
