@@ -48,3 +48,8 @@ bench: $(VENV)/.mmfast-installed
 
 clean-venv:
 	rm -rf $(VENV)
+
+# the GPU suite's smoke run: the same code at tiny sizes on the CPU (eval/gpu/README.md; ~30 s)
+.PHONY: gpu-smoke
+gpu-smoke: $(VENV)/.mmfast-installed
+	eval/gpu/run.sh --smoke

@@ -15,6 +15,7 @@ with methods interleaved chunk by chunk (so machine load hits all methods alike)
 
 from __future__ import annotations
 
+import tempfile
 import time
 from typing import Any
 
@@ -122,7 +123,8 @@ def _compressions(path: str) -> dict[str, float]:
                    "projected wall speed-up at tiny-ar's measured step compression")
 def ar_speed(
     methods: list[str], repeats: int, preset: str = "GPT-B", images: int = 2, seed: int = 0,
-    compression_from: str = "eval/results/ar-quality-jacobi.json", **_: Any
+    compression_from: str = "eval/results/ar-quality-jacobi.json", model: str | None = None,
+    device: str | None = None, dtype: str | None = None, **_: Any
 ) -> list[dict[str, Any]]:
     """Why: tiny-ar (2.9M parameters, 64 tokens) is compute-bound on a CPU, so verifying a 16-token window costs
     ~3x a one-token step and the wall speed-up trails the step compression. A real AR generator (LlamaGen GPT-B,
@@ -131,8 +133,14 @@ def ar_speed(
     draft), so each row reports the measured ``ms_per_step`` and ``step_cost`` (÷ the baseline's) and the
     ``projected_speedup`` = tiny-ar's measured ``step_compression`` (from ``compression_from``) / ``step_cost``.
     ``steps`` / ``speedup`` on the random model are listed as measured, not as a quality claim.
+
+    ``--opt model=tiny-ar`` (a zoo name or directory) times that trained model instead of a random preset (its own
+    steps are then real acceptances); ``--opt device=cuda --opt dtype=bfloat16`` runs on a GPU in bf16 (the clock
+    is read after a device synchronize). A random model gets a random EAGLE draft head for ``eagle_sd`` /
+    ``lantern(drafter="default")`` (timing only, like its weights).
     """
     import mmfast.accel as A
+    from mmfast.api import _dtype, load_argen
     from mmfast.models.llamagen import LlamaGen, LlamaGenAdapter, LlamaGenConfig
     from mmfast.models.vq import VQConfig, VQModel
     from mmfast.pipelines.image_gen import ImageGenPipeline
@@ -140,26 +148,57 @@ def ar_speed(
     methods = list(methods) or list(AR_SPEED_METHODS)
     specs = ["baseline", *methods]
     torch.manual_seed(seed)
-    if preset == "tiny":  # smoke tests
-        cfg = LlamaGenConfig(dim=32, n_layer=1, n_head=4, multiple_of=16, vocab_size=16384, num_classes=10, block_size=16)
+    dt = _dtype(dtype) if dtype is not None else None
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if model is not None:  # a trained model (zoo name or directory): its own steps are real acceptances
+        adapter, _name = load_argen(model, device=dev, dtype=dt)
+        label, num_tokens = model, adapter.num_tokens
     else:
-        cfg = LlamaGenConfig.from_preset(preset, vocab_size=16384, num_classes=1000, block_size=256)
-    vq = VQModel(VQConfig(codebook_size=16384, codebook_embed_dim=8, encoder_ch_mult=[1, 2], decoder_ch_mult=[1, 2],
-                          z_channels=8, ch=8, num_res_blocks=1, norm_groups=4, codebook_show_usage=False))
-    adapter = LlamaGenAdapter(LlamaGen(cfg), vq, recommended={"guidance_scale": 4.0, "top_k": 0, "temperature": 1.0})
+        if preset == "tiny":  # smoke tests
+            cfg = LlamaGenConfig(dim=32, n_layer=1, n_head=4, multiple_of=16, vocab_size=16384, num_classes=10, block_size=16)
+        else:
+            cfg = LlamaGenConfig.from_preset(preset, vocab_size=16384, num_classes=1000, block_size=256)
+        vq = VQModel(VQConfig(codebook_size=16384, codebook_embed_dim=8, encoder_ch_mult=[1, 2], decoder_ch_mult=[1, 2],
+                              z_channels=8, ch=8, num_res_blocks=1, norm_groups=4, codebook_show_usage=False))
+        gpt = LlamaGen(cfg).to(device=dev, dtype=dt if isinstance(dt, torch.dtype) else None)
+        adapter = LlamaGenAdapter(gpt, vq.to(dev), recommended={"guidance_scale": 4.0, "top_k": 0, "temperature": 1.0})
+        label, num_tokens = f"random {preset}", cfg.block_size
+    tmp = tempfile.TemporaryDirectory()
+    if getattr(adapter, "drafter_path", None) is None and any(
+        getattr(acc, "drafter", None) == "default" for s in methods for acc in A.resolve(s)
+    ):  # eagle_sd() / lantern(drafter="default") on a random model: a random draft head (timing only)
+        from mmfast.accel.eagle import EagleHead, save_drafter
+
+        save_drafter(EagleHead(adapter), tmp.name)
+        adapter.drafter_path = tmp.name
     pipes = {s: ImageGenPipeline(adapter, A.resolve(None if s == "baseline" else s)) for s in specs}
     params = sum(p.numel() for p in adapter.gpt.parameters())
     wall = {s: 0.0 for s in specs}
     steps = {s: 0 for s in specs}
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    errors: dict[str, str] = {}
     for s in specs:  # warm-up: first-call allocations and per-model tables (LANTERN's latent neighbours)
-        pipes[s](labels=[0], seed=seed, output_type="tokens", progress=False)
+        try:
+            pipes[s](labels=[0], seed=seed, output_type="tokens", progress=False)
+        except Exception as e:  # a method that fails here gets an error row; the others are still timed
+            if s == "baseline":
+                raise
+            errors[s] = f"{type(e).__name__}: {e}"
+    specs = [s for s in specs if s not in errors]
     for _ in range(repeats):
         for i in range(images):  # interleaved image by image
             for s in specs:
+                sync()
                 t0 = time.perf_counter()
                 out = pipes[s](labels=[i], seed=seed + i, output_type="tokens", progress=False)
+                sync()
                 wall[s] += time.perf_counter() - t0
                 steps[s] += out.stats["steps"]
+    tmp.cleanup()
     comp = _compressions(compression_from)
     base_ms = wall["baseline"] / steps["baseline"] * 1e3
     rows = []
@@ -170,12 +209,15 @@ def ar_speed(
         rows.append(row(
             s,
             steps=steps[s] / (images * repeats),
-            step_compression=cfg.block_size * images * repeats / steps[s],
+            step_compression=num_tokens * images * repeats / steps[s],
             speedup=wall["baseline"] / wall[s],
             ms_per_step=round(ms, 2),
             step_cost=round(cost, 3),
             tiny_ar_step_compression=c,
             projected_speedup=None if c is None else round(c / cost, 3),
-            model=f"random {preset} ({params / 1e6:.1f}M), {cfg.block_size} tokens",
+            model=f"{label} ({params / 1e6:.1f}M), {num_tokens} tokens"
+            + (f", {str(dt).removeprefix('torch.')}" if isinstance(dt, torch.dtype) else "")
+            + (f", {dev.type}" if dev.type != "cpu" else ""),
         ))
+    rows += [row(s, error=msg) for s, msg in errors.items()]
     return rows

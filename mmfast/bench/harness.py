@@ -128,8 +128,10 @@ def run(
 
 
 def provenance() -> dict[str, Any]:
-    """Where a result was measured: commit (``+dirty`` with local changes), date, device, library versions."""
+    """Where a result was measured: commit (``+dirty`` with local changes; ``MMFAST_COMMIT`` outside a git
+    checkout), date, device (and on CUDA the driver and CUDA versions), library versions."""
     import datetime
+    import os
     import platform
     import subprocess
 
@@ -146,13 +148,26 @@ def provenance() -> dict[str, Any]:
                                capture_output=True, text=True, check=True, timeout=10).stdout.strip()
         commit += "+dirty" if dirty else ""
     except (OSError, subprocess.SubprocessError):
-        pass  # not a git checkout (an installed wheel)
+        commit = os.environ.get("MMFAST_COMMIT") or None  # not a git checkout (a wheel, a copied working tree)
     cuda = torch.cuda.is_available()
     return {
         "commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()})",
+        **({"driver": _driver(), "cuda": torch.version.cuda} if cuda else {}),
         "threads": torch.get_num_threads(),
         "versions": {pkg: _version(pkg) for pkg in ("mmfast", "torch", "transformers", "triton")}
         | {"python": platform.python_version()},
     }
+
+
+def _driver() -> str | None:
+    """The NVIDIA driver version (``nvidia-smi``), or None."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, check=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.strip().splitlines()[0] if out.strip() else None

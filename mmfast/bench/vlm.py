@@ -9,7 +9,12 @@
   ``--opt long_frames=64`` adds a long video (where attention dominates prefill), ``--opt dtype=bfloat16``
   runs in bf16. KV methods get ``kv_ratio`` (KV bytes after prefill / the baseline's). Random weights give
   near-uniform attention, on which attention-score rules keep almost every token: time them at a trained model's
-  ratio (e.g. ``zipvl(ratio=r)``).
+  ratio (e.g. ``zipvl(ratio=r)``). Real shapes: ``--opt size=7b`` builds a random LLaVA-OneVision-7B-shaped model
+  (:data:`REAL_SHAPES`: Qwen2-7B LM, SigLIP-so400m tower at 384 px, anyres up to 6x6 tiles) directly on
+  ``--opt device=cuda`` in ``--opt dtype=bfloat16`` (the default for real shapes), shared by every row;
+  ``--opt layers=N`` / ``vision_layers=N`` shorten the LM / tower (per-layer extrapolation), ``--opt
+  inputs=video16,video64`` picks inputs, ``--opt size=tiny`` is the smoke-test model. On CUDA the adapter reads the
+  prefill clock after a device synchronize, so ``prefill_ms`` is not cut short by asynchronous launches.
 * ``vlm-quality`` / ``video-quality``: held-out exact-match accuracy of the zoo's tiny-vlm on synthetic image /
   16-frame video QA (:func:`mmfast.train.evaluate.evaluate_vlm`, the real pipeline path) per method, with
   ``accuracy_retained`` against the tiny-vlm baseline, accuracy per question type (``per_type``) and
@@ -75,6 +80,75 @@ def _extras_over(pipe: Any, calls: list[dict[str, Any]]) -> dict[str, Any]:
     return {k: round(v / len(calls), 3) for k, v in sums.items()}
 
 
+#: random-weight models of real checkpoints' shapes for ``vlm-speed --opt size=...`` (built in memory on the device;
+#: a tiny tokenizer, the real vocabulary size in the embeddings / LM head)
+REAL_SHAPES: dict[str, dict[str, Any]] = {
+    # llava-hf/llava-onevision-qwen2-7b-ov-hf: Qwen2-7B (28 layers, 28 / 4 heads, head_dim 128) + SigLIP-so400m
+    # (26 layers used, 384 px / patch 14: 729 tokens per tile, 196 per video frame after the 2x2 pooling)
+    "7b": {
+        "text_config": {
+            "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+            "num_key_value_heads": 4, "max_position_embeddings": 32768, "vocab_size": 152064,
+            "initializer_range": 0.02,
+        },
+        "vision_config": {
+            "hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 26, "num_attention_heads": 16,
+            "image_size": 384, "patch_size": 14,
+        },
+        "image_grid_pinpoints": [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)],
+    },
+}
+
+
+def _speed_model(
+    size: str, save_dir: str, dtype: str | None = None, device: str | None = None, layers: int | None = None,
+    vision_layers: int | None = None,
+) -> Any:
+    """The ``vlm-speed`` model: a saved directory (``tiny`` / ``bench``, loaded per row as before) or, for a real
+    shape, a ``(model, processor)`` pair built in ``dtype`` on ``device`` (no multi-GB checkpoint written; the
+    config and processor are saved in ``save_dir``, the model's ``name_or_path``, for methods that load files
+    from there)."""
+    import torch
+
+    from mmfast.api import _device, _dtype
+    from mmfast.train.tiny_models import build_tiny_vlm, tiny_processor, tiny_vlm_config
+
+    text: dict[str, Any] = {} if layers is None else {"num_hidden_layers": int(layers)}
+    vision: dict[str, Any] = {} if vision_layers is None else {"num_hidden_layers": int(vision_layers)}
+    if size not in REAL_SHAPES:
+        return build_tiny_vlm("llava_onevision", save_dir, size=size,
+                              **({"text_config": text} if text else {}), **({"vision_config": vision} if vision else {}))
+    from transformers import AutoModelForImageTextToText, GenerationConfig
+
+    from mmfast.train.tiny_models import _silenced_token_ids
+
+    shape = REAL_SHAPES[size]
+    config = tiny_vlm_config(
+        "llava_onevision", "bench", text_config={**shape["text_config"], **text},
+        vision_config={**shape["vision_config"], **vision}, image_grid_pinpoints=shape["image_grid_pinpoints"],
+    )
+    processor = tiny_processor("llava_onevision", config=config)
+    config.save_pretrained(save_dir)
+    processor.save_pretrained(save_dir)
+    config._name_or_path = str(save_dir)
+    dt = _dtype(dtype or "bfloat16")
+    with torch.device(_device(device)):
+        model = AutoModelForImageTextToText.from_config(config, dtype=dt, attn_implementation="sdpa")
+    model.eval()
+    model.name_or_path = str(save_dir)
+    tok = processor.tokenizer
+    head = model.get_output_embeddings()
+    with torch.no_grad():  # greedy decoding stays on the tokenizer's ids and off its special / byte tokens
+        head.weight[len(tok):].zero_()
+        head.weight[torch.tensor(_silenced_token_ids(tok), device=head.weight.device)] = 0
+    text_cfg = config.get_text_config()
+    model.generation_config = GenerationConfig(
+        bos_token_id=text_cfg.bos_token_id, eos_token_id=text_cfg.eos_token_id, pad_token_id=text_cfg.pad_token_id,
+        do_sample=False,
+    )
+    return model, processor
+
+
 def _speed_inputs(long_frames: int = 0) -> dict[str, dict[str, Any]]:
     from mmfast.assets import sample_image, sample_video
 
@@ -89,30 +163,37 @@ def _speed_inputs(long_frames: int = 0) -> dict[str, dict[str, Any]]:
 
 @suite("vlm-speed", "prefill / decode speed on a random LLaVA-OneVision-shaped model (image + 16-frame video)")
 def vlm_speed(
-    methods: list[str], repeats: int, new_tokens: int = 16, long_frames: int = 0, dtype: str | None = None, **_: Any
+    methods: list[str], repeats: int, new_tokens: int = 16, long_frames: int = 0, dtype: str | None = None,
+    size: str = "bench", layers: int | None = None, vision_layers: int | None = None, device: str | None = None,
+    inputs: str | list[str] | None = None, model_pair: Any = None, **_: Any
 ) -> list[dict[str, Any]]:
+    """``model_pair`` (Python callers): a ``(model, processor)`` from :func:`_speed_model` shared by every row
+    instead of building one (its ``name_or_path`` directory holds config.json)."""
     import mmfast
-    from mmfast.train.tiny_models import build_tiny_vlm
 
     methods = list(methods) or list(DEFAULT_METHODS)
     with tempfile.TemporaryDirectory() as tmp:
-        path = build_tiny_vlm("llava_onevision", tmp, size="bench")
-        _prepare_random(str(path), methods)
+        if model_pair is not None:
+            path, model_dir = tuple(model_pair), str(model_pair[0].name_or_path)
+        else:
+            path = _speed_model(size, tmp, dtype=dtype, device=device, layers=layers, vision_layers=vision_layers)
+            model_dir = str(path) if not isinstance(path, tuple) else tmp
+        _prepare_random(model_dir, methods)
+        load_kw = {"dtype": dtype, "device": device} if not isinstance(path, tuple) else {}
         specs = ["baseline", *methods]
-        inputs = _speed_inputs(long_frames)
+        all_inputs = _speed_inputs(long_frames)
+        wanted = inputs.split(",") if isinstance(inputs, str) else inputs
+        inputs = {n: kw for n, kw in all_inputs.items() if not wanted or n in [w.strip() for w in wanted]}
         pipes = {}
         for spec in specs:
-            task_pipes = {
-                "image": mmfast.pipeline(
-                    "image-qa", model=path, accelerate=None if spec == "baseline" else spec, dtype=dtype
-                ),
-            }
+            image = mmfast.pipeline(
+                "image-qa", model=path, accelerate=None if spec == "baseline" else spec, **load_kw
+            )
             video = mmfast.pipeline(
-                "video-qa", model=(task_pipes["image"].model, task_pipes["image"].processor),
+                "video-qa", model=(image.model, image.processor),
                 accelerate=None if spec == "baseline" else spec,
             )
-            task_pipes.update({name: video for name in inputs if name != "image"})
-            pipes[spec] = task_pipes
+            pipes[spec] = {name: image if name == "image" else video for name in inputs}
         gen = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
         for name, kw in inputs.items():  # warm-up (first-call allocations, lazy inits)
             pipes["baseline"][name](**kw, max_new_tokens=2)

@@ -613,7 +613,8 @@ class LlamaGenAdapter(ARGenAdapter):
 
     def feature_logits(self, feats: torch.Tensor) -> torch.Tensor:
         """The GPT's output layer on features (..., d) -> raw logits (..., V)."""
-        return self.gpt.output(feats)
+        out = self.gpt.output
+        return out(feats.to(out.weight.dtype))  # a draft head may run in fp32 beside a bf16 model
 
     def codebook_embeddings(self) -> torch.Tensor:
         """(V, D) raw VQ codebook vectors (pre-normalisation)."""

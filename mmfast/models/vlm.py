@@ -416,6 +416,7 @@ class VLMAdapter:
 
         def on_forward(_module: Any, _args: Any, output: Any) -> None:
             if "prefill_end" not in marks:
+                _sync(self.device)  # CUDA runs ahead of the host: time the prefill's end, not its launch
                 marks["prefill_end"] = time.perf_counter()
                 pkv = output_cache(output)
                 marks["kv_prefill"] = kv_bytes(pkv)
@@ -435,6 +436,7 @@ class VLMAdapter:
         finally:
             handle.remove()
             undo_packed()
+        _sync(self.device)
         t_end = time.perf_counter()
         prompt_len = gen_inputs["input_ids"].shape[1]
         new = out.sequences[0, prompt_len:]
@@ -511,6 +513,7 @@ class VLMAdapter:
 
         def on_forward(_module: Any, _args: Any, output: Any) -> None:
             if "prefill_end" not in marks:
+                _sync(self.device)  # CUDA runs ahead of the host: time the prefill's end, not its launch
                 marks["prefill_end"] = time.perf_counter()
                 marks["kv_prefill"] = kv_bytes(output_cache(output))
 
@@ -522,6 +525,7 @@ class VLMAdapter:
             out = self.model.generate(**batch, **kwargs, return_dict_in_generate=True)
         finally:
             handle.remove()
+        _sync(self.device)
         t_end = time.perf_counter()
         width = batch["input_ids"].shape[1]
         per_entry = marks.get("kv_prefill", 0) / (len(rows) * width)  # bytes of one cached token of one row
@@ -624,3 +628,9 @@ class VLMAdapter:
         tok = self.tokenizer
         pad = getattr(tok, "pad_token_id", None)
         return pad if pad is not None else getattr(tok, "eos_token_id", None)
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued CUDA work, so host clocks measure finished work (no-op elsewhere)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
