@@ -3,6 +3,7 @@ next-token models (SJD, LANTERN, GSD, EAGLE) and next-scale models (VAR drafter 
 
 from __future__ import annotations
 
+import statistics
 import time
 from functools import lru_cache
 from typing import Any
@@ -47,8 +48,6 @@ def gen_section(model: Any, task: str, methods: list[str], api_name: str, repeat
             raise gr.Error(str(e)) from e
         except (TypeError, ValueError) as e:  # e.g. a seed gradio could not make an int
             raise gr.Error(f"bad input: {e}") from e
-        import statistics
-
         base_ms = statistics.median(t for t, _ in res["baseline"])
         grids, rows = [], []
         for s, rs in res.items():

@@ -3,6 +3,7 @@ VideoScan, live memory and ms per frame)."""
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 from functools import lru_cache
@@ -66,7 +67,7 @@ def qa_tab(model: Any, shared: tuple[Any, Any], methods: list[str], repeats: int
         for s, rs in runs.items():
             st = rs[0][1]["stats"]
             totals = [t for t, _ in rs]
-            speed = _median([t for t, _ in runs["baseline"]]) / _median(totals)
+            speed = statistics.median([t for t, _ in runs["baseline"]]) / statistics.median(totals)
             rows.append([s, rs[0][1]["answer"] or "(empty answer)", round(speed, 2), median_spread(totals),
                          median_spread([o["stats"].get("prefill_ms") for _, o in rs]),
                          median_spread([o["stats"].get("decode_ms_per_token") for _, o in rs]),
@@ -178,12 +179,6 @@ def stream_tab(shared: Any, scan_model: Any) -> None:
 
 #: the stream tab stops after this many frames (world.mp4 at 1 fps is 30)
 MAX_STREAM_FRAMES = 600
-
-
-def _median(values: list[float]) -> float:
-    import statistics
-
-    return statistics.median(values)
 
 
 def _is_zoo(model: Any) -> bool:
