@@ -57,17 +57,9 @@ def main() -> None:
             page.locator("#stream-video input[type=file]").set_input_files(clip)
             time.sleep(2)
             page.get_by_role("button", name="Stream", exact=True).click()
-            try:
-                page.wait_for_function(_STREAMED, timeout=120_000)
-            except Exception:
-                page.screenshot(path="/tmp/debug.png")
-                raise
+            page.wait_for_function(_STREAMED, timeout=120_000)
             page.get_by_role("button", name="Ask now").click()
-            try:
-                page.get_by_text("videoscan", exact=True).first.wait_for(timeout=60_000)
-            except Exception:
-                page.screenshot(path="/tmp/debug.png")
-                raise
+            page.get_by_text("videoscan", exact=True).first.wait_for(timeout=60_000)
             time.sleep(1.5)
             page.screenshot(path=str(args.out / "stream.png"))
 
