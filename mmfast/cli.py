@@ -453,7 +453,7 @@ def main() -> None:
         typer.echo(f"error: {e.format_message()} (see `{cmd} --help`)", err=True)
         sys.exit(2)
     except MMFastError as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo("error: " + " ".join(str(e).split()), err=True)  # one line, even when a wrapped cause had several
         sys.exit(2)
     except (KeyboardInterrupt, click_errors.Abort):
         typer.echo("interrupted", err=True)
