@@ -440,7 +440,10 @@ def main() -> None:
     ``error: ...`` line on stderr and exit 2; Ctrl-C exits 130."""
     import os
 
-    from typer._click import exceptions as click_errors  # typer >= 0.24 ships its own click
+    try:
+        from typer._click import exceptions as click_errors  # typer >= 0.24 ships its own click
+    except ImportError:  # older typer runs on click itself
+        from click import exceptions as click_errors
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no weight-loading bars around a one-line answer
     try:
