@@ -88,6 +88,30 @@ def test_packed_decode_matches_the_torch_path(vlm_pipes, monkeypatch, family, sp
     assert all(not m.self_attn.config._attn_implementation.startswith("mmfast_") for m in layers)
 
 
+@pytest.mark.parametrize("spec", [None, "videoscan(memory=8)"])
+def test_streaming_answers_read_the_stream_cache_in_the_kernel(vlm_pipes, monkeypatch, spec):
+    """A streaming question's decode steps attend over the stream cache (full, or VideoScan's carriers) through the
+    kernel: the same answer tokens as the torch path, one kernel call per decode step and layer."""
+    import numpy as np
+
+    import mmfast
+
+    img = vlm_pipes["llava_onevision"][0]
+    frames = [np.full((32, 32, 3), 40 * i, np.uint8) for i in range(4)]
+
+    def ask(impl):
+        monkeypatch.setenv("MMFAST_KERNEL_IMPL", impl)
+        s = mmfast.pipeline("streaming-video-qa", model=(img.model, img.processor), accelerate=spec)
+        s.push(frames)
+        return s.ask(Q, max_new_tokens=4, min_new_tokens=4)["answer"], s
+
+    base, _ = ask("torch")
+    calls = _counter(monkeypatch, packed_triton, "packed_attention_triton")
+    fast, s = ask("triton")
+    assert fast == base
+    assert len(calls) == 4 * s.adapter.num_layers  # every generate forward is a one-token step over the cache
+
+
 @pytest.mark.parametrize("impl", ["torch", "auto"])
 def test_no_packed_step_without_the_kernel(vlm_pipes, monkeypatch, impl):
     adapter = vlm_pipes["llava"][0].adapter

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from mmfast.models.attention import AttentionTap, cache_kwarg
+from mmfast.models.attention import AttentionTap, cache_kwarg, packed_decode
 from mmfast.models.cache import CompressedCache, kv_bytes
 
 
@@ -245,8 +245,12 @@ class VideoStream:
             ids[0, -1] = suffix[-1]
             kwargs = {"do_sample": False, "max_new_tokens": 32, "pad_token_id": ad._pad_id(), **gen_kwargs}
             prefill_end = time.perf_counter()
-            out = ad.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
-                                    **{cache_kwarg(ad.model): self.cache}, **kwargs, return_dict_in_generate=True)
+            undo_packed = packed_decode(ad)  # decode steps attend over the stored rows in the kernel when selected
+            try:
+                out = ad.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
+                                        **{cache_kwarg(ad.model): self.cache}, **kwargs, return_dict_in_generate=True)
+            finally:
+                undo_packed()
             new = out.sequences[0, seen + 1 :]
         finally:
             self.cache.restore(mark)
